@@ -1,0 +1,154 @@
+"""Validated, hashable model configuration.
+
+`config.model` in the experiment files is an `ml_collections.ConfigDict` (users override fields from the command
+line). The model itself reads a `ModelConfig`: a frozen dataclass built once by `ModelConfig.from_config`, which
+checks every field and raises `ConfigError` naming the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ROPE_TYPES = ("default", "llama3")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid. The message names the field, the value and the fix."""
+
+
+def check(ok: bool, field: str, value: Any, fix: str) -> None:
+  """Raises ConfigError('config.<field>=<value>: <fix>') unless `ok`."""
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {fix}")
+
+
+def as_dict(cfg: Any, field: str) -> dict[str, Any]:
+  """A ConfigDict, FrozenConfigDict or mapping as a plain (shallow) dict."""
+  if hasattr(cfg, "to_dict"):
+    return dict(cfg.to_dict())
+  check(isinstance(cfg, Mapping), field, cfg, "expected a ConfigDict or a mapping")
+  return dict(cfg)
+
+
+def check_fields(values: Mapping[str, Any], known: set[str], field: str, required: set[str] | None = None) -> None:
+  """Rejects fields nobody reads (usually typos in an override) and missing required ones."""
+  for name in sorted(values):
+    check(name in known, f"{field}.{name}", values[name], f"unknown field; the fields of config.{field} are {sorted(known)}")
+  for name in sorted(known if required is None else required):
+    check(name in values, f"{field}.{name}", None, "required field is missing; set it in the config file")
+
+
+def positive_int(values: Mapping[str, Any], name: str, field: str) -> int:
+  v = values[name]
+  check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{field}.{name}", v,
+        "must be a positive integer")
+  return v
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 rotary frequency scaling (the `rope_type: llama3` of Hugging Face configs)."""
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the decoder needs. Field names match `config.model` (DESIGN section 3)."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  d_ff: int
+  rope_theta: float
+  rope_scaling: RopeScaling | None
+  tie_embeddings: bool
+  norm_eps: float
+  segment_len: int
+  bptt_segments: int
+  dtype: str
+  scan_layers: bool
+  remat_policy: str
+  memory: Any  # the memory kind's own frozen config (see lm2_jax.model.memory)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def memory_layers(self) -> tuple[int, ...]:
+    """Indices of the decoder layers that carry memory, ascending."""
+    return self.memory.layers
+
+  def num_segments(self, seq_len: int) -> int:
+    """How many segments a sequence of `seq_len` tokens is split into (validates the length)."""
+    if seq_len <= self.segment_len:
+      return 1
+    if seq_len % self.segment_len:
+      raise ConfigError(
+          f"config.model.segment_len={self.segment_len}: the input has T={seq_len} tokens, which is not a "
+          f"multiple of segment_len. Pad or crop T to a multiple of {self.segment_len}, or change segment_len.")
+    return seq_len // self.segment_len
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    """Builds and validates a ModelConfig from `config.model` (ConfigDict or mapping)."""
+    if isinstance(cfg, ModelConfig):
+      return cfg
+    from lm2_jax.model import memory as memory_lib  # local: the registry imports this module
+
+    v = as_dict(cfg, "model")
+    known = {f.name for f in dataclasses.fields(cls)}
+    check_fields(v, known, "model")
+
+    ints = {n: positive_int(v, n, "model") for n in
+            ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "segment_len")}
+    check(ints["d_model"] % ints["num_heads"] == 0, "model.num_heads", ints["num_heads"],
+          f"must divide d_model={ints['d_model']}; pick num_heads from the divisors of d_model")
+    check((ints["d_model"] // ints["num_heads"]) % 2 == 0, "model.num_heads", ints["num_heads"],
+          f"head_dim = d_model/num_heads = {ints['d_model'] // ints['num_heads']} must be even for rotary embeddings")
+    check(ints["num_heads"] % ints["num_kv_heads"] == 0, "model.num_kv_heads", ints["num_kv_heads"],
+          f"must divide num_heads={ints['num_heads']} (grouped-query attention); use 1 for multi-query")
+    bptt = v["bptt_segments"]
+    check(isinstance(bptt, int) and not isinstance(bptt, bool) and bptt >= 0, "model.bptt_segments", bptt,
+          "must be an integer >= 0 (0: gradients flow through the carried memory across the whole input)")
+    theta = v["rope_theta"]
+    check(isinstance(theta, (int, float)) and theta > 0, "model.rope_theta", theta, "must be a positive number")
+    eps = v["norm_eps"]
+    check(isinstance(eps, (int, float)) and 0 < eps < 1, "model.norm_eps", eps, "must be in (0, 1), e.g. 1e-5")
+    check(v["dtype"] in SUPPORTED_DTYPES, "model.dtype", v["dtype"], f"use one of {SUPPORTED_DTYPES}")
+    check(v["remat_policy"] in REMAT_POLICIES, "model.remat_policy", v["remat_policy"],
+          f"use one of {REMAT_POLICIES}")
+    for b in ("tie_embeddings", "scan_layers"):
+      check(isinstance(v[b], bool), f"model.{b}", v[b], "must be True or False")
+
+    memory = memory_lib.parse_config(v["memory"], num_layers=ints["num_layers"], d_model=ints["d_model"])
+    return cls(**ints, bptt_segments=bptt, rope_theta=float(theta), rope_scaling=_rope_scaling(v["rope_scaling"]),
+               tie_embeddings=v["tie_embeddings"], norm_eps=float(eps), dtype=v["dtype"],
+               scan_layers=v["scan_layers"], remat_policy=v["remat_policy"], memory=memory)
+
+
+def _rope_scaling(value: Any) -> RopeScaling | None:
+  if value is None:
+    return None
+  v = as_dict(value, "model.rope_scaling")
+  rope_type = v.pop("rope_type", "llama3")
+  check(rope_type in ROPE_TYPES, "model.rope_scaling.rope_type", rope_type, f"use one of {ROPE_TYPES}")
+  if rope_type == "default":
+    return None
+  known = {f.name for f in dataclasses.fields(RopeScaling)}
+  check_fields(v, known, "model.rope_scaling")
+  out = RopeScaling(factor=float(v["factor"]), low_freq_factor=float(v["low_freq_factor"]),
+                    high_freq_factor=float(v["high_freq_factor"]),
+                    original_max_position_embeddings=int(v["original_max_position_embeddings"]))
+  check(out.factor >= 1, "model.rope_scaling.factor", out.factor, "must be >= 1")
+  check(out.high_freq_factor > out.low_freq_factor, "model.rope_scaling.high_freq_factor", out.high_freq_factor,
+        f"must exceed low_freq_factor={out.low_freq_factor}")
+  return out

@@ -1,0 +1,75 @@
+"""Memory kinds behind one interface (DESIGN section 4).
+
+A memory kind is a Linen module registered here under its name. It has
+
+  Config                      a frozen dataclass with at least `kind` and `layers`, built by `Config.parse`
+  init_state(mcfg, batch)     static: a fresh per-layer state (pytree of float32 arrays, no layer axis)
+  state_axes(mcfg)            static: the logical axis names of each state array (same pytree structure)
+  read(state, h_BLD)          -> (delta_BLD, stats): what the layer adds to the residual stream beside
+                                 self-attention, and per-slot read statistics of this segment
+  write(state, h_BLD, stats)  -> state: fold the segment's hidden states (and its read statistics) into the
+                                 memory
+
+Adding a kind is one new file here that defines the module and decorates it with `@register("name")`, plus one
+import line at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lm2_jax.model.config import as_dict, check
+
+KINDS: dict[str, type] = {}
+
+
+def register(name: str):
+  """Class decorator: makes a memory module available as `config.model.memory.kind = name`."""
+  def deco(cls):
+    cls.kind = name
+    KINDS[name] = cls
+    return cls
+  return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class NoMemoryConfig:
+  """Memory kind 'none': a plain decoder whose attention window is one segment."""
+  kind: str = "none"
+  layers: tuple[int, ...] = ()
+
+
+def parse_layers(value: Any, num_layers: int) -> tuple[int, ...]:
+  """'all' or a list of layer indices -> sorted tuple of valid, distinct indices."""
+  if value == "all":
+    return tuple(range(num_layers))
+  ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in value)
+  check(ok and len(set(value)) == len(value), "model.memory.layers", value,
+        f"use 'all' or a non-empty list of distinct layer indices in [0, {num_layers})")
+  return tuple(sorted(value))
+
+
+def parse_config(cfg: Any, *, num_layers: int, d_model: int):
+  """`config.model.memory` -> the kind's frozen config. Fields of other kinds are allowed (and ignored) so that
+  switching `kind` from the command line works; a field no kind knows is an error."""
+  v = as_dict(cfg, "model.memory")
+  kind = v.get("kind", "none")
+  check(kind == "none" or kind in KINDS, "model.memory.kind", kind,
+        f"unknown memory kind; use one of {['none', *sorted(KINDS)]}")
+  known = {"kind", "layers"} | {f.name for c in KINDS.values() for f in dataclasses.fields(c.Config)}
+  for name in sorted(v):
+    check(name in known, f"model.memory.{name}", v[name],
+          f"no memory kind reads this field; known fields are {sorted(known)}")
+  if kind == "none":
+    return NoMemoryConfig()
+  return KINDS[kind].Config.parse(v, num_layers=num_layers, d_model=d_model)
+
+
+def module_class(mcfg) -> type:
+  """The registered module class of a parsed memory config."""
+  return KINDS[mcfg.kind]
+
+
+from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')

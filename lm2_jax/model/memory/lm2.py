@@ -1,0 +1,132 @@
+"""LM2 memory (Kang et al. 2025, arXiv 2502.06049, sections 2.1-2.2), made causal.
+
+Per memory-bearing layer the state holds `N` slots of width `S` (slot_dim), independent of the sequence length
+and of d_model. Letters: B batch, L positions in the segment, D d_model, N slots, S slot_dim, R memory heads,
+E memory head dim (= S / R).
+
+read  (tokens of the current segment read the memory written by earlier segments):
+    scores = (H Wq)(M Wk)^T / sqrt(E)          per head, [B, R, L, N]
+    E_mem  = softmax_N(scores) (M Wv)
+    delta  = sigmoid(E_mem Wg + bg) * (E_mem Wo)  the layer adds this beside self-attention
+write (after the segment; each slot attends over the segment's hidden states):
+    U    = softmax_L(scores) (H Wu)               the same query-key affinities, normalised over tokens
+    g_in = sigmoid([M, U] W_in + b_in)            b_in starts at 0
+    g_f  = sigmoid([M, U] W_f + b_f)              b_f starts at +1
+    M'   = g_in * tanh(U) + g_f * M
+
+Reusing the read affinities for the write makes the memory content-addressed in both directions: a slot is
+updated by the tokens that would read it. The official code's input gate mean-pools the whole sequence, which
+lets every position see the future; here a token only ever reads memory written by earlier segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
+from lm2_jax.model.layers import dense
+from lm2_jax.model.memory import parse_layers, register
+
+
+@dataclasses.dataclass(frozen=True)
+class LM2MemoryConfig:
+  kind: str
+  layers: tuple[int, ...]
+  num_slots: int      # N
+  num_heads: int      # R, heads of the read/write cross-attention
+  slot_dim: int       # S; 0 in the config means d_model
+  read_decay: float   # per-segment decay of the read statistics kept in the state
+
+  @classmethod
+  def parse(cls, cfg: Any, *, num_layers: int, d_model: int) -> "LM2MemoryConfig":
+    v = as_dict(cfg, "model.memory")
+    for name in ("num_slots", "num_heads", "layers"):
+      check(name in v, f"model.memory.{name}", None, "required for memory kind 'lm2'")
+    slot_dim = v.get("slot_dim", 0) or d_model
+    num_heads = positive_int(v, "num_heads", "model.memory")
+    check(isinstance(slot_dim, int) and slot_dim > 0 and slot_dim % num_heads == 0, "model.memory.slot_dim",
+          slot_dim, f"must be a positive multiple of memory.num_heads={num_heads} (0 means d_model)")
+    check(d_model % num_heads == 0, "model.memory.num_heads", num_heads, f"must divide d_model={d_model}")
+    decay = v.get("read_decay", 0.99)
+    check(isinstance(decay, (int, float)) and 0 <= decay <= 1, "model.memory.read_decay", decay,
+          "must be in [0, 1]")
+    return cls(kind=v["kind"], layers=parse_layers(v["layers"], num_layers),
+               num_slots=positive_int(v, "num_slots", "model.memory"), num_heads=num_heads, slot_dim=slot_dim,
+               read_decay=float(decay))
+
+
+def identity_like_slots(num_slots: int, slot_dim: int) -> np.ndarray:
+  """Initial slots [N, S]: rows of the identity when N <= S (orthonormal, as in LM2); otherwise unit-norm
+  random directions from a fixed seed, which are nearly orthogonal in high dimension."""
+  if num_slots <= slot_dim:
+    return np.eye(num_slots, slot_dim, dtype=np.float32)
+  x = np.random.default_rng(0).standard_normal((num_slots, slot_dim))
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@register("lm2")
+class LM2Memory(nn.Module):
+  cfg: ModelConfig
+
+  Config = LM2MemoryConfig
+
+  @staticmethod
+  def init_state(mcfg: LM2MemoryConfig, batch: int) -> dict[str, jax.Array]:
+    slots_NS = jnp.asarray(identity_like_slots(mcfg.num_slots, mcfg.slot_dim))
+    return {"slots": jnp.broadcast_to(slots_NS, (batch, *slots_NS.shape)),
+            "read_mass": jnp.zeros((batch, mcfg.num_slots), jnp.float32)}
+
+  @staticmethod
+  def state_axes(mcfg: LM2MemoryConfig) -> dict[str, tuple[str, ...]]:
+    return {"slots": ("batch", "mem_slots", "embed"), "read_mass": ("batch", "mem_slots")}
+
+  def setup(self):
+    c, m, dt = self.cfg, self.cfg.memory, self.cfg.dtype
+    e = m.slot_dim // m.num_heads
+    self.q = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "q_proj", dt)
+    self.k = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "k_proj", dt)
+    self.v = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "v_proj", dt)
+    self.o = dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, in_axis=(-2, -1))
+    self.out_gate = dense(c.d_model, ("heads", "head_dim", "embed"), "out_gate", dt, in_axis=(-2, -1),
+                          use_bias=True)
+    self.u = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "u_proj", dt)
+    self.in_gate = dense(m.slot_dim, ("mlp", "embed"), "in_gate", jnp.float32, use_bias=True)
+    self.forget_gate = dense(m.slot_dim, ("mlp", "embed"), "forget_gate", jnp.float32, use_bias=True,
+                             bias_init=nn.initializers.ones)
+
+  def _scores(self, slots_BNS, h_BLD):
+    """Query-key affinities [B, R, L, N] in float32, shared by read and write."""
+    q_BLRE = self.q(h_BLD)
+    k_BNRE = self.k(slots_BNS.astype(self.cfg.dtype))
+    scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
+    return scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32)
+
+  def read(self, state, h_BLD):
+    slots_BNS = state["slots"]
+    p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=-1)
+    v_BNRE = self.v(slots_BNS.astype(self.cfg.dtype))
+    read_BLRE = jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE)
+    read_BLRE = nn.with_logical_constraint(read_BLRE, ("batch", "length", "heads", "head_dim"))
+    delta_BLD = nn.sigmoid(self.out_gate(read_BLRE)) * self.o(read_BLRE)
+    stats = {"read_mass": jax.lax.stop_gradient(p_BRLN.mean(axis=(1, 2)))}  # [B, N], sums to 1 over slots
+    return delta_BLD, stats
+
+  def write(self, state, h_BLD, stats):
+    slots_BNS = state["slots"]
+    p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=2)  # each slot attends over the segment
+    u_BLRE = self.u(h_BLD)
+    u_BNRE = jnp.einsum("brln,blre->bnre", p_BRLN.astype(u_BLRE.dtype), u_BLRE, preferred_element_type=jnp.float32)
+    u_BNS = u_BNRE.reshape(*u_BNRE.shape[:2], -1)
+    mu_BN2S = jnp.concatenate([slots_BNS, u_BNS], axis=-1)
+    g_in = nn.sigmoid(self.in_gate(mu_BN2S))
+    g_f = nn.sigmoid(self.forget_gate(mu_BN2S))
+    new_slots = nn.with_logical_constraint(g_in * jnp.tanh(u_BNS) + g_f * slots_BNS,
+                                           ("batch", "mem_slots", "embed"))
+    read_mass = self.cfg.memory.read_decay * state["read_mass"] + stats["read_mass"]
+    return {"slots": new_slots, "read_mass": read_mass}
