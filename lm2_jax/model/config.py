@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
+
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ROPE_TYPES = ("default", "llama3")
@@ -152,3 +154,32 @@ def _rope_scaling(value: Any) -> RopeScaling | None:
   check(out.high_freq_factor > out.low_freq_factor, "model.rope_scaling.high_freq_factor", out.high_freq_factor,
         f"must exceed low_freq_factor={out.low_freq_factor}")
   return out
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """`config.model` with every field at its default; experiment files start from it and change fields."""
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 32000
+  m.d_model = 512
+  m.num_layers = 8
+  m.num_heads = 8
+  m.num_kv_heads = 8
+  m.d_ff = 1376
+  m.rope_theta = 500000.0
+  m.rope_scaling = ml_collections.config_dict.placeholder(dict)  # None, or a llama3 scaling dict
+  m.tie_embeddings = False
+  m.norm_eps = 1e-5
+  m.segment_len = 256          # tokens per segment; self-attention never reaches across segments
+  m.bptt_segments = 4          # gradient window through the carried memory, in segments (0: unlimited)
+  m.dtype = "float32"          # compute dtype; parameters stay float32
+  m.scan_layers = True
+  m.remat_policy = "none"      # none | full | dots | dots_with_no_batch_dims
+
+  m.memory = ml_collections.ConfigDict()
+  m.memory.kind = "none"       # none | lm2
+  m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python)
+  m.memory.num_slots = 64
+  m.memory.num_heads = 8
+  m.memory.slot_dim = 0        # 0: d_model
+  m.memory.read_decay = 0.99   # per-segment decay of the read statistics kept in the memory state
+  return m

@@ -41,14 +41,19 @@ class NoMemoryConfig:
 
 
 def parse_layers(value: Any, num_layers: int) -> tuple[int, ...]:
-  """'all' or a list of layer indices -> sorted tuple of valid, distinct indices."""
+  """'all', a comma-separated string ('0,4,8': command-line friendly) or a list of layer indices -> sorted
+  tuple of valid, distinct indices."""
   if value == "all":
     return tuple(range(num_layers))
-  ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
-      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in value)
-  check(ok and len(set(value)) == len(value), "model.memory.layers", value,
-        f"use 'all' or a non-empty list of distinct layer indices in [0, {num_layers})")
-  return tuple(sorted(value))
+  items = value.split(",") if isinstance(value, str) else value
+  try:
+    layers = [int(i) for i in items] if isinstance(items, (list, tuple)) else []
+  except (TypeError, ValueError):
+    layers = []
+  ok = len(layers) > 0 and all(0 <= i < num_layers for i in layers) and len(set(layers)) == len(layers)
+  check(ok, "model.memory.layers", value,
+        f"use 'all', or distinct layer indices in [0, {num_layers}) as a list or a string like '0,2'")
+  return tuple(sorted(layers))
 
 
 def parse_config(cfg: Any, *, num_layers: int, d_model: int):

@@ -1,0 +1,210 @@
+"""Hugging Face Llama checkpoints in and out (config.json + safetensors, as `save_pretrained` writes them).
+
+    model_config, params = hf_llama.load("path/to/llama")             # a plain Llama (memory kind 'none')
+    model_config, params = hf_llama.load(path, model_config=my_cfg)    # add memory: the Llama weights, plus
+                                                                       # fresh memory parameters
+    hf_llama.save(params, model_config, "out/")                        # `LlamaForCausalLM.from_pretrained`
+
+Needs neither torch nor transformers: tensors go through `safetensors.numpy` (bfloat16 via ml_dtypes).
+Memory parameters are not part of a Llama checkpoint: `load` initialises them, `save` leaves them out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from lm2_jax.model.build import init_params
+from lm2_jax.model.config import ModelConfig, default_model_config
+from lm2_jax.model.decoder import LM2Model
+from lm2_jax.model.layout import scan_layout, unscan_layout
+
+# Hugging Face name -> (our path in the per-layer layout, number of leading input dims of our kernel; None for
+# vectors and the embedding, which are copied as they are). A Linear weight [out, in] is our kernel
+# [in dims..., out dims...] transposed and flattened.
+_GLOBAL = {
+    "model.embed_tokens.weight": (("embed", "embedding"), None),
+    "model.norm.weight": (("final_norm", "scale"), None),
+    "lm_head.weight": (("lm_head", "kernel"), 1),
+}
+_LAYER = {
+    "self_attn.q_proj.weight": (("attn", "q_proj", "kernel"), 1),
+    "self_attn.k_proj.weight": (("attn", "k_proj", "kernel"), 1),
+    "self_attn.v_proj.weight": (("attn", "v_proj", "kernel"), 1),
+    "self_attn.o_proj.weight": (("attn", "o_proj", "kernel"), 2),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), 1),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), 1),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), 1),
+    "input_layernorm.weight": (("attn_norm", "scale"), None),
+    "post_attention_layernorm.weight": (("mlp_norm", "scale"), None),
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+
+
+def _name_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
+  names = {k: v for k, v in _GLOBAL.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+  for i in range(cfg.num_layers):
+    for k, (path, n_in) in _LAYER.items():
+      names[f"model.layers.{i}.{k}"] = (("decoder", f"layer_{i}", *path), n_in)
+  return names
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: expected a Hugging Face checkpoint directory written by "
+                            "save_pretrained (config.json + model.safetensors or model.safetensors.index.json)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _model_fields(hf: dict[str, Any], path: str) -> dict[str, Any]:
+  """Our config.model shape fields from a Hugging Face LlamaConfig dict (transformers 4.x or 5.x layout)."""
+  def need(cond, field, fix):
+    if not cond:
+      raise ValueError(f"{path}/config.json: {field}={hf.get(field)!r}: {fix}")
+
+  need(hf.get("model_type") == "llama", "model_type", "only Llama checkpoints (model_type 'llama') are supported")
+  need(hf.get("hidden_act", "silu") == "silu", "hidden_act", "Llama uses 'silu'; other activations are unsupported")
+  need(not hf.get("attention_bias", False), "attention_bias", "attention biases are not supported")
+  need(not hf.get("mlp_bias", False), "mlp_bias", "MLP biases are not supported")
+  heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  need(head_dim * heads == hf["hidden_size"], "head_dim", f"must equal hidden_size/num_attention_heads")
+  rope = dict(hf.get("rope_parameters") or {})           # transformers >= 5
+  theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  scaling = rope or hf.get("rope_scaling") or None        # transformers 4.x
+  if scaling is not None:
+    scaling = dict(scaling)
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    need(rope_type in ("default", "llama3"), "rope_scaling", "only rope_type 'default' and 'llama3' are supported")
+    scaling = None if rope_type == "default" else {"rope_type": "llama3", **{
+        k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+  return dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+              num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
+              rope_theta=float(theta), rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+              norm_eps=float(hf.get("rms_norm_eps", 1e-6)), segment_len=hf.get("max_position_embeddings", 2048))
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    files = sorted(set(_read_json(index)["weight_map"].values()))
+  else:
+    files = ["model.safetensors"]
+  tensors = {}
+  for f in files:
+    full = os.path.join(path, f)
+    if not os.path.exists(full):
+      raise FileNotFoundError(f"{full} does not exist; {path} must hold the safetensors files of the checkpoint "
+                              "(PyTorch .bin checkpoints are not supported: re-save with safe_serialization=True)")
+    tensors.update(load_file(full))
+  return tensors
+
+
+def load(path: str, model_config: Any = None, *, rng: jax.Array | None = None):
+  """Reads a Hugging Face Llama checkpoint directory.
+
+  Args:
+    path: directory with config.json and model.safetensors (or a sharded model.safetensors.index.json).
+    model_config: optional `config.model` to load into (for example one with an LM2 memory); its shape fields
+      are replaced by the checkpoint's, its other fields (memory, segment_len, dtype, scan_layers, ...) kept.
+      Default: a plain Llama, memory 'none', segment_len = max_position_embeddings.
+    rng: key for the parameters a Llama checkpoint lacks (memory); default jax.random.key(0).
+  Returns:
+    (model_config ConfigDict, params float32 pytree in the layout `model_config.scan_layers` asks for).
+  """
+  fields = _model_fields(_read_json(os.path.join(path, "config.json")), path)
+  config = copy.deepcopy(model_config) if model_config is not None else default_model_config()
+  if model_config is not None:
+    fields.pop("segment_len")
+  config.update(fields)
+  cfg = ModelConfig.from_config(config)
+  # Start from exactly what init_params gives this config (so memory parameters are a fresh initialisation),
+  # then overwrite every Llama tensor in the per-layer layout.
+  params = init_params(LM2Model(cfg), rng if rng is not None else jax.random.key(0))
+  if cfg.scan_layers:
+    params = unscan_layout(params, cfg)
+
+  tensors = _read_tensors(path)
+  names = _name_map(cfg)
+  missing = sorted(set(names) - set(tensors))
+  if missing:
+    raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors its config.json implies, e.g. "
+                     f"{missing[:3]}; is the directory complete?")
+  unknown = sorted(k for k in set(tensors) - set(names)
+                   if not k.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_embeddings and k == "lm_head.weight"))
+  if unknown:
+    raise ValueError(f"{path}: tensors this Llama loader does not know: {unknown[:5]}; the checkpoint is not a "
+                     "plain LlamaForCausalLM")
+  params = jax.tree.map(np.asarray, params)
+  for name, (our_path, n_in) in names.items():
+    node = params
+    for key in our_path[:-1]:
+      node = node[key]
+    target = node[our_path[-1]]
+    w = tensors[name].astype(np.float32)
+    value = w if n_in is None else w.T.reshape(target.shape)
+    if value.shape != target.shape:
+      raise ValueError(f"{path}: tensor {name} has shape {w.shape}, expected {target.shape} from config.json")
+    node[our_path[-1]] = value
+  if cfg.scan_layers:
+    params = scan_layout(params, cfg)
+  return config, params
+
+
+def _hf_config(cfg: ModelConfig) -> dict[str, Any]:
+  rope_scaling = None
+  if cfg.rope_scaling is not None:
+    rope_scaling = {"rope_type": "llama3", **cfg.rope_scaling.__dict__}
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.segment_len,
+      "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+      # transformers 4.x reads these two; 5.x reads rope_parameters.
+      "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+      "rope_parameters": {"rope_type": "default", **(rope_scaling or {}), "rope_theta": cfg.rope_theta},
+  }
+
+
+def save(params, model_config: Any, path: str, *, dtype: str = "float32") -> None:
+  """Writes params as a Hugging Face Llama checkpoint (config.json + model.safetensors) into directory `path`.
+
+  Memory parameters have no place in a Llama checkpoint and are left out (a warning says so).
+  dtype: 'float32' or 'bfloat16' for the stored tensors.
+  """
+  cfg = ModelConfig.from_config(model_config)
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'")
+  np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+  if cfg.scan_layers:
+    params = unscan_layout(params, cfg)
+  if cfg.memory_layers:
+    logging.warning("hf_llama.save: the memory parameters of layers %s are not part of a Llama checkpoint and "
+                    "are not saved", list(cfg.memory_layers))
+  tensors = {}
+  for name, (our_path, n_in) in _name_map(cfg).items():
+    node = params
+    for key in our_path:
+      node = node[key]
+    a = np.asarray(node, np.float32)
+    if n_in is not None:
+      a = a.reshape(int(np.prod(a.shape[:n_in])), -1).T
+    tensors[name] = np.ascontiguousarray(a).astype(np_dtype)
+  os.makedirs(path, exist_ok=True)
+  # Write both files beside their final names, then rename: an interrupted save leaves no half-written checkpoint.
+  save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json.tmp"), "w") as f:
+    json.dump({**_hf_config(cfg), "torch_dtype": dtype}, f, indent=2)
+  for name in ("model.safetensors", "config.json"):
+    os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
