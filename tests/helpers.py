@@ -1,0 +1,37 @@
+"""Small configs and utilities shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+
+from lm2_jax.model import LM2Model, init_params
+from lm2_jax.model.config import default_model_config
+
+
+def tiny_config(kind="lm2", **overrides):
+  """A 2-layer, d_model 32 config; `overrides` set config.model fields, `memory_<field>` set memory fields."""
+  m = default_model_config()
+  m.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, segment_len=8,
+                bptt_segments=0))
+  m.memory.kind = kind
+  m.memory.num_slots = 6
+  m.memory.num_heads = 2
+  for k, v in overrides.items():
+    if k.startswith("memory_"):
+      m.memory[k[len("memory_"):]] = v
+    else:
+      m[k] = v
+  return m
+
+
+def build(config, seed=0):
+  model = LM2Model(config)
+  return model, init_params(model, jax.random.key(seed))
+
+
+def logits_fn(model, params):
+  """jit-compiled tokens -> logits, starting from a fresh memory."""
+  return jax.jit(lambda toks: model.apply({"params": params}, toks)[0])
+
+
+def random_tokens(seed, shape, vocab=64):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)

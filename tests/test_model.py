@@ -1,0 +1,145 @@
+"""Behaviour of the decoder with segment recurrence: causality, memory, gradients, layouts, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import build, logits_fn, random_tokens, tiny_config
+from lm2_jax.model import LM2Model, count_params, scan_layout, unscan_layout
+
+SEG = 8  # tiny_config's segment_len
+
+
+@pytest.mark.parametrize("kind", ["none", "lm2"])
+@pytest.mark.parametrize("t", [3, SEG, 2 * SEG + 5], ids=["in_first_segment", "segment_boundary", "later_segment"])
+def test_causal(kind, t):
+  model, params = build(tiny_config(kind))
+  f = logits_fn(model, params)
+  tokens = random_tokens(0, (2, 4 * SEG))
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % 64)
+  a, b = np.asarray(f(tokens)), np.asarray(f(changed))
+  np.testing.assert_allclose(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+  assert np.abs(a[:, t] - b[:, t]).max() > 1e-4  # the changed token itself does change its own logits
+
+
+def test_memory_carries_information_across_segments():
+  tokens = random_tokens(0, (2, 2 * SEG))
+  changed = tokens.at[:, :SEG].set(random_tokens(1, (2, SEG)))
+  for kind, expect_change in [("lm2", True), ("none", False)]:
+    model, params = build(tiny_config(kind))
+    f = logits_fn(model, params)
+    diff = np.abs(np.asarray(f(tokens))[:, SEG:] - np.asarray(f(changed))[:, SEG:]).max()
+    assert (diff > 1e-4) if expect_change else (diff == 0), (kind, diff)
+
+
+def test_none_segment_is_an_independent_window():
+  """With memory 'none', segment 2 of a long input gives the logits of segment 2 run on its own."""
+  model, params = build(tiny_config("none"))
+  f = logits_fn(model, params)
+  tokens = random_tokens(0, (2, 3 * SEG))
+  np.testing.assert_allclose(np.asarray(f(tokens))[:, SEG:2 * SEG], np.asarray(f(tokens[:, SEG:2 * SEG])),
+                             atol=1e-5, rtol=0)
+
+
+def _memory_leaves(tree):
+  return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if "'memory'" in jax.tree_util.keystr(p)}
+
+
+def test_gradients_reach_every_memory_parameter():
+  model, params = build(tiny_config("lm2", bptt_segments=3))
+  tokens = random_tokens(0, (2, 3 * SEG))
+  w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)
+  leaves = _memory_leaves(grads)
+  assert len(leaves) == 11  # q, k, v, o, u kernels; out, in, forget gates (kernel + bias)
+  for name, g in leaves.items():
+    assert np.abs(np.asarray(g)).max() > 0, name
+
+
+def _segment_embedding_grads(bptt):
+  """|d loss(segment 3) / d embedding rows| of the tokens of each segment (disjoint vocabularies)."""
+  model, params = build(tiny_config("lm2", bptt_segments=bptt))
+  tokens = (jnp.arange(4)[:, None] * 16 + random_tokens(0, (4, SEG), vocab=16)).reshape(1, 4 * SEG)
+  w = jax.random.normal(jax.random.key(1), (1, SEG, 64))
+  loss = lambda p: jnp.sum(model.apply({"params": p}, tokens)[0][:, 3 * SEG:] * w)
+  g = np.asarray(jax.grad(loss)(params)["embed"]["embedding"])
+  return [np.abs(g[16 * s:16 * (s + 1)]).max() for s in range(4)], model, params, tokens
+
+
+def test_gradients_stop_beyond_bptt_segments():
+  # bptt_segments=2 cuts the memory entering segments 0 and 2: the loss of segment 3 reaches segment 2's tokens
+  # through the memory, never segments 0 and 1 (though its value still depends on them).
+  g, model, params, tokens = _segment_embedding_grads(bptt=2)
+  assert g[3] > 0 and g[2] > 0
+  assert g[0] == 0 and g[1] == 0
+  f = logits_fn(model, params)
+  changed = tokens.at[:, :SEG].set((tokens[:, :SEG] + 1) % 16)
+  assert np.abs(np.asarray(f(tokens))[:, 3 * SEG:] - np.asarray(f(changed))[:, 3 * SEG:]).max() > 1e-4
+  # bptt_segments=0: the gradient flows through the whole input.
+  g_full, *_ = _segment_embedding_grads(bptt=0)
+  assert min(g_full) > 0
+
+
+@pytest.mark.parametrize("layers", ["all", "1,2"])
+def test_scan_layers_matches_unscanned(layers):
+  scanned_cfg = tiny_config("lm2", num_layers=4, memory_layers=layers, scan_layers=True, bptt_segments=2)
+  loop_cfg = tiny_config("lm2", num_layers=4, memory_layers=layers, scan_layers=False, bptt_segments=2,
+                         remat_policy="full")
+  scanned, p_scan = build(scanned_cfg)
+  loop = LM2Model(loop_cfg)
+  p_loop = unscan_layout(p_scan, scanned.config)
+  assert set(p_loop["decoder"]) == {f"layer_{i}" for i in range(4)}
+  tokens = random_tokens(0, (2, 3 * SEG))
+  w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
+
+  def run(model, p):
+    (loss, (mem, aux)), g = jax.value_and_grad(
+        lambda p: (lambda out: (jnp.sum(out[0] * w), out[1:]))(model.apply({"params": p}, tokens)), has_aux=True)(p)
+    return loss, mem, g
+
+  loss_s, mem_s, g_s = run(scanned, p_scan)
+  loss_l, mem_l, g_l = run(loop, p_loop)
+  np.testing.assert_allclose(loss_s, loss_l, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), mem_s, mem_l)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_s,
+               scan_layout(g_l, loop.config))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
+  tokens = random_tokens(0, (2, 2 * SEG))
+  model32, params = build(tiny_config("lm2"))
+  model16 = LM2Model(tiny_config("lm2", dtype="bfloat16"))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+  out32, mem32, _ = model32.apply({"params": params}, tokens)
+  out16, mem16, _ = model16.apply({"params": params}, tokens)
+  assert out16.dtype == jnp.float32 and mem16["slots"].dtype == jnp.float32
+  assert np.abs(np.asarray(out16) - np.asarray(out32)).max() < 0.05 * np.abs(np.asarray(out32)).max()
+
+
+def test_memory_state_and_read_statistics():
+  model, params = build(tiny_config("lm2"))
+  mem = model.init_memory(3)
+  assert mem["slots"].shape == (2, 3, 6, 32) and mem["read_mass"].shape == (2, 3, 6)
+  np.testing.assert_array_equal(mem["slots"][0, 0], np.eye(6, 32))  # identity-like start
+  _, new_mem, aux = model.apply({"params": params}, random_tokens(0, (3, 2 * SEG)), mem)
+  # aux read mass: the mean over tokens, heads and segments of a softmax over slots, so it sums to 1.
+  np.testing.assert_allclose(np.asarray(aux["memory_stats"]["read_mass"]).sum(-1), 1.0, atol=1e-5)
+  # state read mass: decayed total over the 2 segments: sums to read_decay * 1 + 1.
+  np.testing.assert_allclose(np.asarray(new_mem["read_mass"]).sum(-1), 0.99 + 1.0, atol=1e-5)
+  # Memory carried into a second call continues from where the first left off.
+  _, mem2, _ = model.apply({"params": params}, random_tokens(1, (3, SEG)), new_mem)
+  assert not np.allclose(mem2["slots"], new_mem["slots"])
+
+
+def test_wrong_memory_state_is_rejected():
+  model, params = build(tiny_config("lm2"))
+  with pytest.raises(ValueError, match="init_memory"):
+    model.apply({"params": params}, random_tokens(0, (2, SEG)), model.init_memory(3))
+
+
+def test_count_params_splits_memory():
+  counts = count_params(LM2Model(tiny_config("lm2")))
+  assert counts["memory"] > 0 and counts["decoder"] + counts["memory"] == counts["total"]
+  assert count_params(LM2Model(tiny_config("none")))["total"] == counts["decoder"]
