@@ -99,6 +99,18 @@ def _concat(trees):
   return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *trees) if trees else {}
 
 
+def memory_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+  """Logical axis names of each memory array: ('layers', *the kind's state axes)."""
+  if not cfg.memory_layers:
+    return {}
+  axes = memory_lib.module_class(cfg.memory).state_axes(cfg.memory)
+  return jax.tree.map(lambda a: ("layers", *a), axes, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def _pin_memory(memory, cfg: ModelConfig):
+  return nn.with_logical_constraint(memory, memory_axes(cfg))
+
+
 class SegmentDecoder(nn.Module):
   """All decoder layers on one segment: (memory, segment index), x_BLD -> (memory', index + 1), (y_BLD, stats)."""
   cfg: ModelConfig
@@ -108,6 +120,8 @@ class SegmentDecoder(nn.Module):
     c = self.cfg
     memory, seg = carry
     cut = (seg % c.bptt_segments == 0) if c.bptt_segments else (seg == 0)
+    # The carried memory keeps its logical sharding through every segment (batch over data x fsdp).
+    memory = _pin_memory(memory, c)
     memory = jax.tree.map(lambda m: jnp.where(cut, jax.lax.stop_gradient(m), m), memory)
     new_memory, stats = [], []
     for g in layer_groups(c):
@@ -127,7 +141,7 @@ class SegmentDecoder(nn.Module):
       if g.has_memory:
         new_memory.append(g_states)
         stats.append(g_stats)
-    return (_concat(new_memory), seg + 1), (x_BLD, _concat(stats))
+    return (_pin_memory(_concat(new_memory), c), seg + 1), (x_BLD, _concat(stats))
 
 
 class LM2Model(nn.Module):
@@ -152,11 +166,7 @@ class LM2Model(nn.Module):
 
   def memory_axes(self) -> dict[str, tuple[str, ...]]:
     """Logical axis names of each memory array (same pytree structure as `init_memory`)."""
-    c = self.config
-    if not c.memory_layers:
-      return {}
-    axes = memory_lib.module_class(c.memory).state_axes(c.memory)
-    return jax.tree.map(lambda a: ("layers", *a), axes, is_leaf=lambda a: isinstance(a, tuple))
+    return memory_axes(self.config)
 
   def _check_inputs(self, tokens_BT, memory):
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):

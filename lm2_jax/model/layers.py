@@ -8,6 +8,8 @@ activation carries logical axis names (lm2_jax.parallel maps them to mesh axes).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,14 +21,35 @@ from lm2_jax.model.config import ModelConfig, RopeScaling
 INIT_STD = 0.02  # Llama's initializer_range
 
 
-def dense(features, axes: tuple[str, ...], name: str, dtype, in_axis=-1, use_bias: bool = False,
-          bias_init=nn.initializers.zeros) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel (and bias) carry the logical `axes` (inputs first, then outputs)."""
-  out_axes = axes[-(len(features) if isinstance(features, tuple) else 1):]
-  return nn.DenseGeneral(
-      features, axis=in_axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-      bias_init=nn.with_logical_partitioning(bias_init, out_axes))
+class Dense(nn.Module):
+  """y[..., *features] = x[..., *in] . kernel[*in, *features] (+ bias[*features]), contracting the last `n_in`
+  dims of x. Kernel (and bias) carry the logical `axes` (input axes first, then output axes)."""
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  n_in: int = 1
+  dtype: Any = "float32"
+  use_bias: bool = False
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.n_in:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.axes),
+                        (*in_shape, *self.features), jnp.float32)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.axes[self.n_in:]), self.features,
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, axes: tuple[str, ...], name: str, dtype, n_in: int = 1, use_bias: bool = False,
+          bias_init=nn.initializers.zeros) -> Dense:
+  """Dense with `features` an int or a tuple of output dims."""
+  features = features if isinstance(features, tuple) else (features,)
+  return Dense(features, axes, n_in=n_in, dtype=dtype, use_bias=use_bias, bias_init=bias_init, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +112,7 @@ class Attention(nn.Module):
                                         ("batch", "length", "kv_heads", "head_dim"))
     out_BLHE = jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, is_causal=True)
     out_BLHE = nn.with_logical_constraint(out_BLHE, ("batch", "length", "heads", "head_dim"))
-    return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, in_axis=(-2, -1))(out_BLHE)
+    return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)(out_BLHE)
 
 
 class MLP(nn.Module):

@@ -70,6 +70,19 @@ def identity_like_slots(num_slots: int, slot_dim: int) -> np.ndarray:
   return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+_AXES = {"b": "batch", "l": "length", "n": "mem_slots", "r": "heads", "e": "head_dim", "s": "embed", "d": "embed"}
+
+
+def _pin(x, dims: str):
+  """Constrains x to the logical axes its dimension letters name.
+
+  Every intermediate is pinned, and the gate kernels' [M, U] input dim is left unsharded: without both, XLA's
+  partitioner (jaxlib 0.10.2, CPU, mesh data=2 x fsdp=2 x tensor=2) computed wrong memory updates and wrong
+  gradients through the carried memory, while every other mesh shape was right
+  (tests/test_sharding.py checks this mesh)."""
+  return nn.with_logical_constraint(x, tuple(_AXES[c] for c in dims))
+
+
 @register("lm2")
 class LM2Memory(nn.Module):
   cfg: ModelConfig
@@ -92,41 +105,39 @@ class LM2Memory(nn.Module):
     self.q = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "q_proj", dt)
     self.k = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "k_proj", dt)
     self.v = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "v_proj", dt)
-    self.o = dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, in_axis=(-2, -1))
-    self.out_gate = dense(c.d_model, ("heads", "head_dim", "embed"), "out_gate", dt, in_axis=(-2, -1),
+    self.o = dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)
+    self.out_gate = dense(c.d_model, ("heads", "head_dim", "embed"), "out_gate", dt, n_in=2,
                           use_bias=True)
     self.u = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "u_proj", dt)
-    self.in_gate = dense(m.slot_dim, ("mlp", "embed"), "in_gate", jnp.float32, use_bias=True)
-    self.forget_gate = dense(m.slot_dim, ("mlp", "embed"), "forget_gate", jnp.float32, use_bias=True,
+    self.in_gate = dense(m.slot_dim, (None, "embed"), "in_gate", jnp.float32, use_bias=True)
+    self.forget_gate = dense(m.slot_dim, (None, "embed"), "forget_gate", jnp.float32, use_bias=True,
                              bias_init=nn.initializers.ones)
 
   def _scores(self, slots_BNS, h_BLD):
     """Query-key affinities [B, R, L, N] in float32, shared by read and write."""
-    q_BLRE = self.q(h_BLD)
-    k_BNRE = self.k(slots_BNS.astype(self.cfg.dtype))
+    q_BLRE = _pin(self.q(h_BLD), "blre")
+    k_BNRE = _pin(self.k(slots_BNS.astype(self.cfg.dtype)), "bnre")
     scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
-    return scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32)
+    return _pin(scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32), "brln")
 
   def read(self, state, h_BLD):
     slots_BNS = state["slots"]
     p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=-1)
-    v_BNRE = self.v(slots_BNS.astype(self.cfg.dtype))
-    read_BLRE = jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE)
-    read_BLRE = nn.with_logical_constraint(read_BLRE, ("batch", "length", "heads", "head_dim"))
+    v_BNRE = _pin(self.v(slots_BNS.astype(self.cfg.dtype)), "bnre")
+    read_BLRE = _pin(jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE), "blre")
     delta_BLD = nn.sigmoid(self.out_gate(read_BLRE)) * self.o(read_BLRE)
     stats = {"read_mass": jax.lax.stop_gradient(p_BRLN.mean(axis=(1, 2)))}  # [B, N], sums to 1 over slots
-    return delta_BLD, stats
+    return _pin(delta_BLD, "bld"), stats
 
   def write(self, state, h_BLD, stats):
     slots_BNS = state["slots"]
     p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=2)  # each slot attends over the segment
-    u_BLRE = self.u(h_BLD)
+    u_BLRE = _pin(self.u(h_BLD), "blre")
     u_BNRE = jnp.einsum("brln,blre->bnre", p_BRLN.astype(u_BLRE.dtype), u_BLRE, preferred_element_type=jnp.float32)
-    u_BNS = u_BNRE.reshape(*u_BNRE.shape[:2], -1)
+    u_BNS = _pin(u_BNRE.reshape(*u_BNRE.shape[:2], -1), "bns")
     mu_BN2S = jnp.concatenate([slots_BNS, u_BNS], axis=-1)
-    g_in = nn.sigmoid(self.in_gate(mu_BN2S))
-    g_f = nn.sigmoid(self.forget_gate(mu_BN2S))
-    new_slots = nn.with_logical_constraint(g_in * jnp.tanh(u_BNS) + g_f * slots_BNS,
-                                           ("batch", "mem_slots", "embed"))
+    g_in = _pin(nn.sigmoid(self.in_gate(mu_BN2S)), "bns")
+    g_f = _pin(nn.sigmoid(self.forget_gate(mu_BN2S)), "bns")
+    new_slots = _pin(g_in * jnp.tanh(u_BNS) + g_f * slots_BNS, "bns")
     read_mass = self.cfg.memory.read_decay * state["read_mass"] + stats["read_mass"]
     return {"slots": new_slots, "read_mass": read_mass}

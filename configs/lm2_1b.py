@@ -1,0 +1,17 @@
+"""The LM2 paper's 1.7B model: a Llama-3.2-1B-shaped decoder (16 layers, d_model 2048, 32 heads, 8 kv heads,
+FFN 8192) with 2048 memory slots of width 2048 in every layer."""
+
+from configs import llama3_2_1b
+
+
+def get_config():
+  config = llama3_2_1b.get_config()
+  m = config.model
+  m.memory.kind = "lm2"
+  m.memory.layers = "all"
+  m.memory.num_slots = 2048
+  m.memory.num_heads = 16
+  m.memory.slot_dim = 2048
+  m.bptt_segments = 4
+  config.train.seq_len = 4 * m.segment_len
+  return config

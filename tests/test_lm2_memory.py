@@ -1,0 +1,75 @@
+"""The LM2 memory against a NumPy transcription of its equations (DESIGN section 4)."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from helpers import tiny_config
+from lm2_jax.model import ModelConfig
+from lm2_jax.model.memory.lm2 import LM2Memory, identity_like_slots
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def _softmax(x, axis):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _reference(p, slots, h, num_heads, decay, read_mass):
+  """Read and write of one layer, one batch element, written head by head from the equations."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  S = slots.shape[-1]
+  E = S // num_heads
+  flat = lambda w: w.reshape(w.shape[0], -1)       # [in, R, E] -> [in, R*E]
+  q, k, v, u = (flat(p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj", "u_proj"))
+  o = p["o_proj"]["kernel"].reshape(-1, h.shape[-1])
+  gate_w, gate_b = p["out_gate"]["kernel"].reshape(-1, h.shape[-1]), p["out_gate"]["bias"]
+  read, update, mass = [], [], 0
+  for r in range(num_heads):
+    sl = slice(r * E, (r + 1) * E)
+    scores = (h @ q[:, sl]) @ (slots @ k[:, sl]).T / np.sqrt(E)      # [L, N]
+    p_read = _softmax(scores, axis=1)
+    read.append(p_read @ (slots @ v[:, sl]))                           # [L, E]
+    update.append(_softmax(scores, axis=0).T @ (h @ u[:, sl]))         # [N, E]
+    mass = mass + p_read.mean(0) / num_heads
+  e_mem = np.concatenate(read, axis=1)
+  delta = _sigmoid(e_mem @ gate_w + gate_b) * (e_mem @ o)
+  U = np.concatenate(update, axis=1)
+  mu = np.concatenate([slots, U], axis=1)
+  g_in = _sigmoid(mu @ p["in_gate"]["kernel"] + p["in_gate"]["bias"])
+  g_f = _sigmoid(mu @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
+  return delta, g_in * np.tanh(U) + g_f * slots, decay * read_mass + mass
+
+
+def test_read_and_write_match_the_equations():
+  cfg = ModelConfig.from_config(tiny_config("lm2", memory_num_slots=5, memory_num_heads=2, memory_read_decay=0.9))
+  mem = LM2Memory(cfg)
+  B, L = 2, 7
+  h = np.asarray(jax.random.normal(jax.random.key(0), (B, L, cfg.d_model)))
+  state = {"slots": np.asarray(jax.random.normal(jax.random.key(1), (B, 5, cfg.d_model))),
+           "read_mass": np.asarray(jax.random.uniform(jax.random.key(2), (B, 5)))}
+  read_then_write = lambda m, state, h: m.write(state, h, m.read(state, h)[1])
+  fresh = nn.unbox(mem.init(jax.random.key(3), state, h, method=read_then_write))["params"]
+  np.testing.assert_array_equal(fresh["forget_gate"]["bias"], 1.0)  # b_f starts at +1
+  np.testing.assert_array_equal(fresh["in_gate"]["bias"], 0.0)      # b_in starts at 0
+  leaves, treedef = jax.tree.flatten(fresh)  # perturb every parameter, biases included
+  keys = jax.random.split(jax.random.key(4), len(leaves))
+  params = {"params": treedef.unflatten([a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])}
+  delta, stats = mem.apply(params, state, h, method=LM2Memory.read)
+  new_state = mem.apply(params, state, h, stats, method=LM2Memory.write)
+  for b in range(B):
+    want_delta, want_slots, want_mass = _reference(params["params"], state["slots"][b], h[b], 2, 0.9,
+                                                   state["read_mass"][b])
+    np.testing.assert_allclose(delta[b], want_delta, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(new_state["slots"][b], want_slots, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(new_state["read_mass"][b], want_mass, atol=1e-6)
+
+
+def test_identity_like_slots():
+  np.testing.assert_array_equal(identity_like_slots(4, 8), np.eye(4, 8))
+  many = identity_like_slots(64, 16)  # more slots than dimensions: unit-norm, deterministic
+  np.testing.assert_allclose(np.linalg.norm(many, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(many, identity_like_slots(64, 16))
