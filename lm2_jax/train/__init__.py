@@ -1,0 +1,1 @@
+"""Training: losses (the optimizer, steps, trainer and checkpoints arrive with the trainer issue)."""
