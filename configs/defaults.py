@@ -12,10 +12,36 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = default_model_config()
 
+  config.data = ml_collections.ConfigDict()
+  config.data.kind = "recall"           # the built-in associative-recall task (lm2_jax.data.recall)
+  config.data.continuing_stream = False  # True: the memory of one batch is carried into the next
+  config.data.shuffle_seed = ml_collections.config_dict.placeholder(int)  # None: sources in order
+  config.data.seed = 0
+  config.data.num_segments = 4
+  config.data.num_pairs = 8
+  config.data.num_queries = 4
+  config.data.num_keys = 64
+  config.data.num_values = 64
+  config.data.num_filler = 64
+
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0
+  config.train.steps = 1000
   config.train.batch_size = 8
   config.train.seq_len = 1024
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 100
+  config.train.final_lr_fraction = 0.1
+  config.train.b1 = 0.9
+  config.train.b2 = 0.95
+  config.train.weight_decay = 0.1
+  config.train.grad_clip_norm = 1.0
+  config.train.grad_accum_steps = 1
+  config.train.log_every = 50
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 500
+  config.checkpoint.keep = 3
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1

@@ -58,7 +58,9 @@ def logical_shardings(axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
   """A pytree of logical axis names (PartitionSpecs or tuples) -> the NamedShardings these rules give."""
   def one(axes):
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
-  return jax.tree.map(one, axes_tree, is_leaf=lambda x: isinstance(x, (PartitionSpec, tuple)))
+  def is_axes(x):  # a PartitionSpec or a plain tuple of names (not an optimizer state's namedtuple)
+    return isinstance(x, PartitionSpec) or (type(x) is tuple and all(e is None or isinstance(e, str) for e in x))
+  return jax.tree.map(one, axes_tree, is_leaf=is_axes)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Data: built-in long-context tasks and Grain pipelines that batch them."""

@@ -1,0 +1,230 @@
+"""Sharded train and eval steps, and the training loop with metrics and checkpoints.
+
+    state, metrics = train_step(state, batch)        # jit, state donated, shardings from the logical-axis rules
+
+The state holds the step, params, optimizer state and the training memory. With `config.data.continuing_stream`
+the memory written by one batch is read by the next (a continuing stream, as in RMT/LM2 training on long
+documents); otherwise every batch starts from a fresh memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm2_jax.model import LM2Model
+from lm2_jax.model.config import check
+from lm2_jax.parallel import DEFAULT_RULES, logical_shardings, make_mesh, use_mesh
+from lm2_jax.train.loss import next_token_loss
+from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  memory: Any
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a training or evaluation run derives from the config, built once."""
+  config: Any
+  model: LM2Model
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  state_shardings: Any
+  batch_sharding: Any
+
+  @property
+  def batch_size(self) -> int:
+    return self.config.train.batch_size
+
+
+def build(config) -> Setup:
+  model = LM2Model(config.model)
+  tx = make_optimizer(config.train)
+  mesh = make_mesh(config.mesh)
+  specs = nn.get_partition_spec(jax.eval_shape(lambda: _boxed_state(model, tx, config, jax.random.key(0))))
+  specs = specs.replace(memory=model.memory_axes())
+  return Setup(config, model, tx, mesh, logical_shardings(specs, mesh), logical_shardings(("batch", "length"), mesh))
+
+
+def _boxed_state(model: LM2Model, tx, config, rng) -> TrainState:
+  tokens = jnp.zeros((1, model.config.segment_len), jnp.int32)
+  params = model.init(rng, tokens)["params"]  # boxed: the optimizer state inherits the logical axes
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    memory=model.init_memory(config.train.batch_size))
+
+
+def init_state(setup: Setup) -> TrainState:
+  """A fresh state, created directly in its sharded layout."""
+  rng = jax.random.key(setup.config.train.seed)
+  create = lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, rng))
+  with use_mesh(setup.mesh):
+    return jax.jit(create, out_shardings=setup.state_shardings)()
+
+
+def _loss_fn(model, params, batch, memory):
+  logits, new_memory, aux = model.apply({"params": params}, batch["tokens"], memory)
+  loss, accuracy = next_token_loss(logits, batch["tokens"], batch.get("loss_mask"))
+  total = loss + sum(aux["losses"].values(), jnp.float32(0))
+  return total, (loss, accuracy, new_memory, aux)
+
+
+def _memory_metrics(aux) -> dict[str, jax.Array]:
+  """How the memory was read: entropy of the read mass over slots (nats; log N = uniform) and the top slot's
+  share, averaged over memory layers and batch."""
+  stats = aux["memory_stats"]
+  if "read_mass" not in stats:
+    return {}
+  mass = stats["read_mass"]
+  return {"memory/read_entropy": -(mass * jnp.log(mass + 1e-9)).sum(-1).mean(),
+          "memory/read_max": mass.max(-1).mean()}
+
+
+def make_train_step(setup: Setup):
+  model, tx, config = setup.model, setup.tx, setup.config
+  schedule = learning_rate_schedule(config.train)
+  continuing = config.data.continuing_stream
+
+  def step_fn(state: TrainState, batch):
+    memory = state.memory if continuing else model.init_memory(setup.batch_size)
+    grads, (loss, accuracy, new_memory, aux) = jax.grad(
+        lambda p: _loss_fn(model, p, batch, memory), has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step // config.train.grad_accum_steps), **_memory_metrics(aux)}
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           memory=new_memory if continuing else state.memory)
+    return new_state, metrics
+
+  return jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(setup: Setup):
+  """params, batch -> {'loss', 'accuracy'} from a fresh memory (any batch size and length)."""
+  model = setup.model
+
+  def eval_fn(params, batch):
+    memory = model.init_memory(batch["tokens"].shape[0])
+    _, (loss, accuracy, _, aux) = _loss_fn(model, params, batch, memory)
+    return {"loss": loss, "accuracy": accuracy, **_memory_metrics(aux)}
+
+  return jax.jit(eval_fn)
+
+
+def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
+  """A host batch (this process's rows) -> global arrays sharded over the batch axes."""
+  check(batch["tokens"].max() < setup.model.config.vocab_size and batch["tokens"].min() >= 0, "model.vocab_size",
+        setup.model.config.vocab_size,
+        f"the data holds token ids in [{batch['tokens'].min()}, {batch['tokens'].max()}]; the vocabulary must "
+        "cover them (check the tokenizer and config.model.vocab_size)")
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v) for k, v in batch.items()}
+
+
+class MetricsLog:
+  """Appends one JSON object per logged step to DIR/metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if jax.process_index() != 0:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+class Progress:
+  """A progress bar on a terminal, plain log lines otherwise."""
+
+  def __init__(self, total: int, start: int):
+    self.total, self.start, self.t0 = total, start, time.perf_counter()
+    self.tty = sys.stdout.isatty()
+
+  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    done = step - self.start
+    elapsed = time.perf_counter() - self.t0
+    left = elapsed / max(done, 1) * (self.total - step)
+    text = f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s, {left:.0f} s left"
+    if self.tty:
+      width = 30
+      filled = int(width * step / self.total)
+      print(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}   ", end="", flush=True)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self.tty:
+      print()
+
+
+def train(config, workdir: str, source) -> TrainState:
+  """Trains `config` on batches of `source` (random access) in `workdir`, resuming from its latest checkpoint.
+
+  Writes DIR/config.json, DIR/metrics.jsonl and DIR/checkpoints/. Ctrl-C saves a checkpoint, then re-raises.
+  """
+  from lm2_jax.data.pipeline import batches
+  from lm2_jax.train.checkpoint import Checkpointer, config_json
+
+  t = config.train
+  setup = build(config)
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
+  data = batches(source, t.batch_size, shuffle_seed=config.data.shuffle_seed)
+  state = init_state(setup)
+  start = ckpt.latest_step()
+  if start is not None:
+    ckpt.check_compatible(start, config)
+    state, data_state = ckpt.restore(start, state, setup.state_shardings)
+    data.set_state(data_state)
+  start = int(start or 0)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_json(config), f, indent=2)
+
+  step_fn = make_train_step(setup)
+  log = MetricsLog(workdir)
+  progress = Progress(t.steps, start)
+  tokens_per_step = t.batch_size * t.seq_len
+  step, last_t, last_step = start, time.perf_counter(), start
+  try:
+    with use_mesh(setup.mesh):
+      while step < t.steps:
+        state, metrics = step_fn(state, put_batch(setup, next(data)))
+        step += 1
+        if step % t.log_every == 0 or step == t.steps:
+          metrics = jax.device_get(metrics)
+          now = time.perf_counter()
+          metrics["tokens_per_s"] = tokens_per_step * (step - last_step) / (now - last_t)
+          last_t, last_step = now, step
+          log.write(step, metrics)
+          progress.update(step, float(metrics["loss"]), metrics["tokens_per_s"])
+        if step % config.checkpoint.every == 0 or step == t.steps:
+          ckpt.save(step, state, data.get_state(), config)
+  except KeyboardInterrupt:
+    if step > (ckpt.latest_step() or 0):
+      print(f"\ninterrupted: saving step {step} before exiting", flush=True)
+      ckpt.save(step, state, data.get_state(), config)
+    raise
+  finally:
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+  return state
