@@ -46,7 +46,7 @@ def main(argv):
   @jax.jit
   def step(p, toks, memory):
     (loss, (new_memory, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, toks, memory)
-    return loss, optax.global_norm(grads), new_memory, aux
+    return loss, optax.tree.norm(grads), new_memory, aux
 
   memory = model.init_memory(B)
   t0 = time.perf_counter()

@@ -22,6 +22,7 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
   """Read and write of one layer, one batch element, written head by head from the equations."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   S = slots.shape[-1]
+  normed = slots / np.sqrt(np.mean(slots**2, axis=-1, keepdims=True) + 1e-5) * p["slot_norm"]["scale"]
   E = S // num_heads
   flat = lambda w: w.reshape(w.shape[0], -1)       # [in, R, E] -> [in, R*E]
   q, k, v, u = (flat(p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj", "u_proj"))
@@ -30,9 +31,9 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
   read, update, mass = [], [], 0
   for r in range(num_heads):
     sl = slice(r * E, (r + 1) * E)
-    scores = (h @ q[:, sl]) @ (slots @ k[:, sl]).T / np.sqrt(E)      # [L, N]
+    scores = (h @ q[:, sl]) @ (normed @ k[:, sl]).T / np.sqrt(E)     # [L, N]
     p_read = _softmax(scores, axis=1)
-    read.append(p_read @ (slots @ v[:, sl]))                           # [L, E]
+    read.append(p_read @ (normed @ v[:, sl]))                          # [L, E]
     update.append(_softmax(scores, axis=0).T @ (h @ u[:, sl]))         # [N, E]
     mass = mass + p_read.mean(0) / num_heads
   e_mem = np.concatenate(read, axis=1)

@@ -53,7 +53,7 @@ def test_gradients_reach_every_memory_parameter():
   w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
   grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)
   leaves = _memory_leaves(grads)
-  assert len(leaves) == 11  # q, k, v, o, u kernels; out, in, forget gates (kernel + bias)
+  assert len(leaves) == 12  # q, k, v, o, u kernels; out, in, forget gates (kernel + bias); slot norm scale
   for name, g in leaves.items():
     assert np.abs(np.asarray(g)).max() > 0, name
 

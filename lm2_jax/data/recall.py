@@ -38,6 +38,9 @@ class RecallTask:
     if self.num_segments < 2:
       raise ConfigError(f"config.data.num_segments={self.num_segments}: needs >= 2 (pairs before, queries in "
                         "the last segment)")
+    if self.segment_len % 2:
+      raise ConfigError(f"config.model.segment_len={self.segment_len}: the recall task needs an even segment "
+                        "length so that no key-value pair straddles two segments")
     if 2 * self.num_pairs > context:
       raise ConfigError(f"config.data.num_pairs={self.num_pairs}: {self.num_pairs} pairs need {2 * self.num_pairs} "
                         f"tokens but the context segments hold {context}; lower num_pairs or lengthen the input")

@@ -53,10 +53,11 @@ class Setup:
     return self.config.train.batch_size
 
 
-def build(config) -> Setup:
+def build(config, devices=None) -> Setup:
+  """Model, optimizer, mesh (over `devices`, default all) and shardings of `config`."""
   model = LM2Model(config.model)
   tx = make_optimizer(config.train)
-  mesh = make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh, devices)
   specs = nn.get_partition_spec(jax.eval_shape(lambda: _boxed_state(model, tx, config, jax.random.key(0))))
   specs = specs.replace(memory=model.memory_axes())
   return Setup(config, model, tx, mesh, logical_shardings(specs, mesh), logical_shardings(("batch", "length"), mesh))
@@ -106,7 +107,7 @@ def make_train_step(setup: Setup):
         lambda p: _loss_fn(model, p, batch, memory), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step // config.train.grad_accum_steps), **_memory_metrics(aux)}
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            memory=new_memory if continuing else state.memory)

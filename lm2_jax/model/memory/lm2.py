@@ -5,8 +5,8 @@ and of d_model. Letters: B batch, L positions in the segment, D d_model, N slots
 E memory head dim (= S / R).
 
 read  (tokens of the current segment read the memory written by earlier segments):
-    scores = (H Wq)(M Wk)^T / sqrt(E)          per head, [B, R, L, N]
-    E_mem  = softmax_N(scores) (M Wv)
+    scores = (H Wq)(M~ Wk)^T / sqrt(E)         per head, [B, R, L, N]; M~ = RMSNorm(M), as H is normalised
+    E_mem  = softmax_N(scores) (M~ Wv)
     delta  = sigmoid(E_mem Wg + bg) * (E_mem Wo)  the layer adds this beside self-attention
 write (after the segment; each slot attends over the segment's hidden states):
     U    = softmax_L(scores) (H Wu)               the same query-key affinities, normalised over tokens
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
-from lm2_jax.model.layers import dense
+from lm2_jax.model.layers import RMSNorm, dense
 from lm2_jax.model.memory import parse_layers, register
 
 
@@ -108,6 +108,7 @@ class LM2Memory(nn.Module):
     self.o = dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)
     self.out_gate = dense(c.d_model, ("heads", "head_dim", "embed"), "out_gate", dt, n_in=2,
                           use_bias=True)
+    self.slot_norm = RMSNorm(c.norm_eps, dt)
     self.u = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "u_proj", dt)
     self.in_gate = dense(m.slot_dim, (None, "embed"), "in_gate", jnp.float32, use_bias=True)
     self.forget_gate = dense(m.slot_dim, (None, "embed"), "forget_gate", jnp.float32, use_bias=True,
@@ -116,14 +117,14 @@ class LM2Memory(nn.Module):
   def _scores(self, slots_BNS, h_BLD):
     """Query-key affinities [B, R, L, N] in float32, shared by read and write."""
     q_BLRE = _pin(self.q(h_BLD), "blre")
-    k_BNRE = _pin(self.k(slots_BNS.astype(self.cfg.dtype)), "bnre")
+    k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
     scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
     return _pin(scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32), "brln")
 
   def read(self, state, h_BLD):
     slots_BNS = state["slots"]
     p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=-1)
-    v_BNRE = _pin(self.v(slots_BNS.astype(self.cfg.dtype)), "bnre")
+    v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
     read_BLRE = _pin(jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE), "blre")
     delta_BLD = nn.sigmoid(self.out_gate(read_BLRE)) * self.o(read_BLRE)
     stats = {"read_mass": jax.lax.stop_gradient(p_BRLN.mean(axis=(1, 2)))}  # [B, N], sums to 1 over slots

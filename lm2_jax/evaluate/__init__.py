@@ -1,0 +1,1 @@
+"""Evaluation: task accuracy, reports and plots."""
