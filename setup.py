@@ -13,11 +13,14 @@ setup(
     install_requires=[
         "absl-py",
         "flax>=0.10",
+        "grain>=0.2.12",
         "jax>=0.6",
+        "matplotlib",
         "ml-collections",
         "ml_dtypes",
         "numpy",
         "optax",
+        "orbax-checkpoint>=0.11",
         "safetensors",
     ],
     extras_require={

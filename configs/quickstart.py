@@ -35,7 +35,7 @@ def get_config():
   m.vocab_size = 2 + d.num_keys + d.num_values + d.num_filler
 
   t = config.train
-  t.steps = 2000
+  t.steps = 1500
   t.batch_size = 32
   t.seq_len = d.num_segments * m.segment_len
   t.learning_rate = 3e-3
