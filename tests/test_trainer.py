@@ -11,6 +11,7 @@ from configs import defaults
 from lm2_jax.data import recall
 from lm2_jax.data.pipeline import batches
 from lm2_jax.model import ConfigError
+from lm2_jax.parallel import use_mesh
 from lm2_jax.train import trainer
 
 
@@ -42,7 +43,7 @@ def test_sharded_train_step_matches_one_device():
     config.mesh.update(mesh)
     setup = trainer.build(config, devices)
     state = trainer.init_state(setup)
-    with trainer.use_mesh(setup.mesh):
+    with use_mesh(setup.mesh):
       state, metrics = trainer.make_train_step(setup)(state, trainer.put_batch(setup, batch))
     assert len(state.params["embed"]["embedding"].sharding.device_set) == (1 if devices else 8)
     results.append(jax.device_get((metrics, state.params, state.opt_state)))

@@ -50,7 +50,8 @@ class Checkpointer:
             "Resume with the same model config, or start in a new --workdir.")
 
   def restore(self, step: int, state_template, state_shardings):
-    """-> (state, data_state). `state_template` gives structure and shapes; arrays land in `state_shardings`."""
+    """-> (state, data_state). `state_template` (arrays or ShapeDtypeStructs) gives structure, shapes and dtypes;
+    arrays land in `state_shardings`."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             _as_dict(state_template), _as_dict(state_shardings))
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

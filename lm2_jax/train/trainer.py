@@ -188,11 +188,13 @@ def train(config, workdir: str, source) -> TrainState:
   setup = build(config)
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
   data = batches(source, t.batch_size, shuffle_seed=config.data.shuffle_seed)
-  state = init_state(setup)
   start = ckpt.latest_step()
-  if start is not None:
+  if start is None:
+    state = init_state(setup)
+  else:
     ckpt.check_compatible(start, config)
-    state, data_state = ckpt.restore(start, state, setup.state_shardings)
+    template = jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, config, jax.random.key(0))))
+    state, data_state = ckpt.restore(start, template, setup.state_shardings)
     data.set_state(data_state)
   start = int(start or 0)
   if jax.process_index() == 0:
