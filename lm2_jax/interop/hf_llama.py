@@ -77,7 +77,7 @@ def _model_fields(hf: dict[str, Any], path: str) -> dict[str, Any]:
   need(not hf.get("mlp_bias", False), "mlp_bias", "MLP biases are not supported")
   heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-  need(head_dim * heads == hf["hidden_size"], "head_dim", f"must equal hidden_size/num_attention_heads")
+  need(head_dim * heads == hf["hidden_size"], "head_dim", "must equal hidden_size/num_attention_heads")
   rope = dict(hf.get("rope_parameters") or {})           # transformers >= 5
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   scaling = rope or hf.get("rope_scaling") or None        # transformers 4.x

@@ -25,7 +25,7 @@ import optax
 
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import check
-from lm2_jax.parallel import DEFAULT_RULES, logical_shardings, make_mesh, use_mesh
+from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
 from lm2_jax.train.loss import next_token_loss
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
