@@ -5,7 +5,6 @@ Pairs are written in the first 3 segments and asked for in the 4th; a decoder wh
 memory 'none', then compares recall at the trained length and at 4x.
 """
 
-
 from configs import defaults
 
 
