@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lm2_jax.data.pipeline import batches
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
+from lm2_jax.train.checkpoint import Checkpointer, config_json
 from lm2_jax.train.loss import next_token_loss
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -131,6 +133,9 @@ def make_eval_step(setup: Setup):
 
 def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
   """A host batch (this process's rows) -> global arrays sharded over the batch axes."""
+  length = batch["tokens"].shape[1]
+  check(length == setup.config.train.seq_len, "train.seq_len", setup.config.train.seq_len,
+        f"the data gives sequences of {length} tokens; set train.seq_len to match the data")
   check(batch["tokens"].max() < setup.model.config.vocab_size and batch["tokens"].min() >= 0, "model.vocab_size",
         setup.model.config.vocab_size,
         f"the data holds token ids in [{batch['tokens'].min()}, {batch['tokens'].max()}]; the vocabulary must "
@@ -181,9 +186,6 @@ def train(config, workdir: str, source) -> TrainState:
 
   Writes DIR/config.json, DIR/metrics.jsonl and DIR/checkpoints/. Ctrl-C saves a checkpoint, then re-raises.
   """
-  from lm2_jax.data.pipeline import batches
-  from lm2_jax.train.checkpoint import Checkpointer, config_json
-
   t = config.train
   setup = build(config)
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
