@@ -1,1 +1,1 @@
-"""Training: losses (the optimizer, steps, trainer and checkpoints arrive with the trainer issue)."""
+"""Training: loss, optimizer, sharded train/eval steps and the loop (trainer), Orbax checkpoints."""
