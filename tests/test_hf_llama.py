@@ -1,5 +1,7 @@
 """Parity with Hugging Face `transformers` Llama: load, run, save, load back."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,4 +115,14 @@ def test_load_errors_name_the_problem(tmp_path):
   hf.save_pretrained(tmp_path, safe_serialization=True)
   (tmp_path / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    hf_llama.load(str(tmp_path))
+
+
+def test_tensor_shape_mismatch_names_the_tensor(tmp_path):
+  _hf_model("gqa").save_pretrained(tmp_path, safe_serialization=True)
+  config_path = tmp_path / "config.json"
+  hf_config = json.loads(config_path.read_text())
+  hf_config["intermediate_size"] = 80  # the tensors were saved with 96
+  config_path.write_text(json.dumps(hf_config))
+  with pytest.raises(ValueError, match=r"layers.0.mlp.gate_proj.weight has shape \(96, 64\), expected \(80, 64\)"):
     hf_llama.load(str(tmp_path))

@@ -12,6 +12,7 @@ Memory parameters are not part of a Llama checkpoint: `load` initialises them, `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -127,11 +128,14 @@ def load(path: str, model_config: Any = None, *, rng: jax.Array | None = None):
     fields.pop("segment_len")
   config.update(fields)
   cfg = ModelConfig.from_config(config)
-  # Start from exactly what init_params gives this config (so memory parameters are a fresh initialisation),
-  # then overwrite every Llama tensor in the per-layer layout.
-  params = init_params(LM2Model(cfg), rng if rng is not None else jax.random.key(0))
-  if cfg.scan_layers:
-    params = unscan_layout(params, cfg)
+  if cfg.memory_layers:
+    # Exactly what init_params gives this config, so the memory parameters are a fresh initialisation; the Llama
+    # tensors are overwritten below, in the per-layer layout.
+    params = init_params(LM2Model(cfg), rng if rng is not None else jax.random.key(0))
+    params = unscan_layout(params, cfg) if cfg.scan_layers else params
+  else:  # every tensor comes from the checkpoint: shapes only, no wasted initialisation
+    per_layer = LM2Model(dataclasses.replace(cfg, scan_layers=False))
+    params = jax.eval_shape(lambda: init_params(per_layer, jax.random.key(0)))
 
   tensors = _read_tensors(path)
   names = _name_map(cfg)
@@ -144,17 +148,17 @@ def load(path: str, model_config: Any = None, *, rng: jax.Array | None = None):
   if unknown:
     raise ValueError(f"{path}: tensors this Llama loader does not know: {unknown[:5]}; the checkpoint is not a "
                      "plain LlamaForCausalLM")
-  params = jax.tree.map(np.asarray, params)
+  params = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a), params)
   for name, (our_path, n_in) in names.items():
     node = params
     for key in our_path[:-1]:
       node = node[key]
     target = node[our_path[-1]]
     w = tensors[name].astype(np.float32)
-    value = w if n_in is None else w.T.reshape(target.shape)
-    if value.shape != target.shape:
-      raise ValueError(f"{path}: tensor {name} has shape {w.shape}, expected {target.shape} from config.json")
-    node[our_path[-1]] = value
+    hf_shape = target.shape if n_in is None else (int(np.prod(target.shape[n_in:])), int(np.prod(target.shape[:n_in])))
+    if w.shape != hf_shape:
+      raise ValueError(f"{path}: tensor {name} has shape {w.shape}, expected {hf_shape} from config.json")
+    node[our_path[-1]] = w if n_in is None else w.T.reshape(target.shape)
   if cfg.scan_layers:
     params = scan_layout(params, cfg)
   return config, params
