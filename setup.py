@@ -12,6 +12,7 @@ setup(
     packages=find_packages(include=["lm2_jax", "lm2_jax.*"]),
     install_requires=[
         "absl-py",
+        "array_record",
         "flax>=0.10",
         "grain>=0.2.12",
         "jax>=0.6",
@@ -22,6 +23,9 @@ setup(
         "optax",
         "orbax-checkpoint>=0.11",
         "safetensors",
+        "sentencepiece",
+        "tensorboardX",
+        "tensorflow-datasets",
     ],
     extras_require={
         # Hugging Face interop is torch-free; these are for checking it against `transformers`.

@@ -35,7 +35,7 @@ def main(argv):
     config.model.memory.kind = kind
     workdir = os.path.join(_WORKDIR.value, kind)
     start = time.time()
-    state = trainer.train(config, workdir, recall.from_config(config))
+    state = trainer.train(config, workdir)
     results["train_s"][kind] = round(time.time() - start, 1)
     setup = trainer.build(config)
     results["accuracy"][kind] = {}

@@ -1,12 +1,12 @@
 r"""Trains a config: python -m launch.train --config=configs/quickstart.py --workdir=DIR [--config.field=value ...]
 
+The data comes from `config.data` (the built-in recall task, text files, ArrayRecord files or a TFDS dataset).
 Resumes from DIR/checkpoints when there are any. Ctrl-C saves a checkpoint before exiting.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm2_jax.data import recall
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -17,7 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   config = _CONFIG.value
-  trainer.train(config, _WORKDIR.value, recall.from_config(config))
+  trainer.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,45 @@ def test_count_params_splits_memory():
   counts = count_params(LM2Model(tiny_config("lm2")))
   assert counts["memory"] > 0 and counts["decoder"] + counts["memory"] == counts["total"]
   assert count_params(LM2Model(tiny_config("none")))["total"] == counts["decoder"]
+
+
+@pytest.mark.parametrize("kind", ["none", "lm2"])
+def test_documents_do_not_see_each_other(kind):
+  """Two documents packed in one row (the second starts mid-segment): changing either one leaves the other's
+  logits exactly as they were, through attention and through the memory."""
+  model, params = build(tiny_config(kind))
+  f = jax.jit(lambda toks, ids: model.apply({"params": params}, toks, segment_ids=ids)[0])
+  start = 2 * SEG + 3
+  ids = jnp.where(jnp.arange(4 * SEG) < start, 7, 9)[None].repeat(2, 0)
+  tokens = random_tokens(0, (2, 4 * SEG))
+  first, second = np.asarray(f(tokens, ids))[:, :start], np.asarray(f(tokens, ids))[:, start:]
+  other_first = tokens.at[:, :start].set(random_tokens(1, (2, start)))
+  other_second = tokens.at[:, start:].set(random_tokens(2, (2, 4 * SEG - start)))
+  np.testing.assert_array_equal(np.asarray(f(other_first, ids))[:, start:], second)
+  np.testing.assert_array_equal(np.asarray(f(other_second, ids))[:, :start], first)
+  # Without document ids the second document does see the first (through attention in its first segment).
+  assert np.abs(np.asarray(f(other_first, jnp.ones_like(ids)))[:, start:]
+                - np.asarray(f(tokens, jnp.ones_like(ids)))[:, start:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["none", "lm2"])
+def test_document_starting_at_a_segment_is_computed_as_if_alone(kind):
+  """A document that starts at a segment boundary reads a fresh memory, exactly as if the row held it alone;
+  one-document rows give the logits of a call without segment_ids."""
+  model, params = build(tiny_config(kind))
+  f = jax.jit(lambda toks, ids: model.apply({"params": params}, toks, segment_ids=ids)[0])
+  tokens = random_tokens(0, (2, 4 * SEG))
+  ids = jnp.where(jnp.arange(4 * SEG) < SEG, 1, 2)[None].repeat(2, 0)
+  alone = logits_fn(model, params)
+  np.testing.assert_allclose(np.asarray(f(tokens, ids))[:, SEG:], np.asarray(alone(tokens[:, SEG:])), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(f(tokens, jnp.ones_like(ids))), np.asarray(alone(tokens)), atol=1e-6)
+
+
+def test_reset_memory_replaces_only_the_flagged_rows():
+  model, params = build(tiny_config("lm2"))
+  _, memory, _ = model.apply({"params": params}, random_tokens(0, (3, 2 * SEG)))
+  reset = model.reset_memory(memory, jnp.array([False, True, False]))
+  fresh = model.init_memory(3)
+  for name in memory:
+    np.testing.assert_array_equal(reset[name][:, 1], fresh[name][:, 1])
+    np.testing.assert_array_equal(reset[name][:, 0::2], memory[name][:, 0::2])

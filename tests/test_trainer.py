@@ -58,12 +58,11 @@ def test_sharded_train_step_matches_one_device():
 def test_resume_equals_uninterrupted(tmp_path, continuing):
   k = 2
   full = small_config(steps=2 * k, continuing=continuing)
-  source = recall.from_config(full)
-  uninterrupted = trainer.train(full, str(tmp_path / "a"), source)
+  uninterrupted = trainer.train(full, str(tmp_path / "a"))
 
   half = small_config(steps=k, continuing=continuing)
-  trainer.train(half, str(tmp_path / "b"), source)
-  resumed = trainer.train(full, str(tmp_path / "b"), source)  # same workdir, longer run: resumes at step k
+  trainer.train(half, str(tmp_path / "b"))
+  resumed = trainer.train(full, str(tmp_path / "b"))  # same workdir, longer run: resumes at step k
 
   assert int(resumed.step) == int(uninterrupted.step) == 2 * k
   _leaves_equal(resumed.params, uninterrupted.params)  # bitwise on CPU
@@ -81,7 +80,7 @@ def test_resume_equals_uninterrupted(tmp_path, continuing):
 
 def test_checkpoint_restores_with_plain_orbax(tmp_path):
   config = small_config(steps=2)
-  state = trainer.train(config, str(tmp_path), recall.from_config(config))
+  state = trainer.train(config, str(tmp_path))
   restored = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, "checkpoints", "2", "state"))
   assert set(restored) == {"step", "params", "opt_state", "memory"} and int(restored["step"]) == 2
   _leaves_equal(restored["params"], state.params)
@@ -90,19 +89,19 @@ def test_checkpoint_restores_with_plain_orbax(tmp_path):
 
 def test_incompatible_checkpoint_is_refused_and_left_alone(tmp_path):
   config = small_config(steps=2)
-  trainer.train(config, str(tmp_path), recall.from_config(config))
+  trainer.train(config, str(tmp_path))
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   other = small_config(steps=4)
   other.model.d_model = 48
   with pytest.raises(ConfigError, match=r"config.model.d_model=48: the checkpoint .* was written with 32"):
-    trainer.train(other, str(tmp_path), recall.from_config(other))
+    trainer.train(other, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
 def test_token_ids_out_of_range_are_refused(tmp_path):
   config = small_config(steps=2)
-  source = recall.from_config(config)
+  data = batches(recall.from_config(config), 8)
   config.model.vocab_size = 16  # the task uses 26 ids
   with pytest.raises(ConfigError, match=r"model.vocab_size=16.*token ids in \[\d+, 2\d\]"):
-    trainer.train(config, str(tmp_path), source)
-  assert not os.path.exists(tmp_path / "checkpoints" / "1")
+    trainer.train(config, str(tmp_path / "run"), data)
+  assert not os.path.exists(tmp_path / "run")  # nothing written: no checkpoints/, config.json or metrics

@@ -11,6 +11,13 @@ The memory state is a pytree whose arrays have a leading axis over the memory-be
 within windows of `bptt_segments` segments: the memory entering segment s is cut from the graph when
 s % bptt_segments == 0 (and always at s = 0, so memory passed in from a previous call is a constant).
 
+Documents: with `segment_ids` (a document id per token, as packed batches carry them), attention never crosses a
+document boundary and neither does memory. The memory entering a segment belongs to the document of the token
+just before the segment (for the first segment: the document of the first token; the caller passes a fresh
+memory, `reset_memory`, for rows that start a new document). Tokens of that document read it; tokens of a
+document that starts inside the segment read a fresh memory instead. After the segment, the memory is written
+from the tokens of the segment's last document only, starting from a fresh memory if that document is new.
+
 Layers: consecutive layers of the same kind (with or without memory) form a group; with `scan_layers` each group
 is one `nn.scan` over a stacked `layers` axis (params `decoder/layers_{start}_{stop}`), otherwise each layer
 has its own params (`decoder/layer_{i}`). `lm2_jax.model.layout` converts between the two.
@@ -64,22 +71,59 @@ def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
   return groups
 
 
+def document_masks(ids_BL, mem_doc_B):
+  """Masks of one segment from its document ids [B, L] and the document that owns the entering memory [B].
+
+  attn_B1LL: query and key in the same document (causality is added by the attention);
+  read_BL:   tokens of the memory's document, which read the carried memory (the others read a fresh one);
+  write_BL:  tokens of the segment's last document, the only ones written into the memory;
+  reset_B:   the last document is not the memory's, so the write starts from a fresh memory.
+  """
+  last_B = ids_BL[:, -1]
+  return {"attn_B1LL": (ids_BL[:, :, None] == ids_BL[:, None, :])[:, None],
+          "read_BL": ids_BL == mem_doc_B[:, None],
+          "write_BL": ids_BL == last_B[:, None],
+          "reset_B": last_B != mem_doc_B}
+
+
+def select_rows(rows_B, a, b, batch_axis: int = 0):
+  """Per batch row: a where rows_B, else b (pytrees of arrays with a batch axis at `batch_axis`)."""
+  def one(x, y):
+    shape = [1] * x.ndim
+    shape[batch_axis] = -1
+    return jnp.where(rows_B.reshape(shape), x, y)
+  return jax.tree.map(one, a, b)
+
+
 class DecoderLayer(nn.Module):
-  """Pre-norm Llama layer; the memory read is added beside self-attention, and the memory written after."""
+  """Pre-norm Llama layer; the memory read is added beside self-attention, and the memory written after.
+
+  `docs` is None (one document per row) or the segment's `document_masks`."""
   cfg: ModelConfig
   has_memory: bool
 
   @nn.compact
-  def __call__(self, x_BLD, mem_state, cos_LE, sin_LE):
+  def __call__(self, x_BLD, mem_state, cos_LE, sin_LE, docs):
     c = self.cfg
     h_BLD = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BLD)
-    y_BLD = x_BLD + Attention(c, name="attn")(h_BLD, cos_LE, sin_LE)
+    attn_mask = None if docs is None else docs["attn_B1LL"]
+    y_BLD = x_BLD + Attention(c, name="attn")(h_BLD, cos_LE, sin_LE, attn_mask)
     stats = None
     if self.has_memory:
-      memory = memory_lib.module_class(c.memory)(c, name="memory")
-      delta_BLD, stats = memory.read(mem_state, h_BLD)
+      kind = memory_lib.module_class(c.memory)
+      memory = kind(c, name="memory")
+      if docs is None:
+        delta_BLD, stats = memory.read(mem_state, h_BLD)
+        mem_state = memory.write(mem_state, h_BLD, stats)
+      else:
+        fresh = kind.init_state(c.memory, x_BLD.shape[0])
+        read_BL, reset_B = docs["read_BL"], docs["reset_B"]
+        delta_BLD, stats = memory.read(mem_state, h_BLD, read_BL)
+        fresh_delta_BLD, fresh_stats = memory.read(fresh, h_BLD, ~read_BL)
+        delta_BLD = jnp.where(read_BL[..., None], delta_BLD, fresh_delta_BLD)
+        mem_state = memory.write(select_rows(reset_B, fresh, mem_state), h_BLD,
+                                 select_rows(reset_B, fresh_stats, stats), docs["write_BL"])
       y_BLD = y_BLD + delta_BLD
-      mem_state = memory.write(mem_state, h_BLD, stats)
     y_BLD = y_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(y_BLD))
     y_BLD = nn.with_logical_constraint(y_BLD.astype(c.dtype), ("batch", "length", "embed"))
     return y_BLD, (mem_state, stats)
@@ -112,13 +156,18 @@ def _pin_memory(memory, cfg: ModelConfig):
 
 
 class SegmentDecoder(nn.Module):
-  """All decoder layers on one segment: (memory, segment index), x_BLD -> (memory', index + 1), (y_BLD, stats)."""
+  """All decoder layers on one segment.
+
+  (memory, segment index, memory's document [B]), (x_BLD, ids_BL) -> (memory', index + 1, document'),
+  (y_BLD, stats). `ids_BL` is None when the rows are single documents."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, x_BLD, cos_LE, sin_LE):
+  def __call__(self, carry, inputs, cos_LE, sin_LE):
     c = self.cfg
-    memory, seg = carry
+    memory, seg, mem_doc_B = carry
+    x_BLD, ids_BL = inputs
+    docs = None if ids_BL is None else document_masks(ids_BL, mem_doc_B)
     cut = (seg % c.bptt_segments == 0) if c.bptt_segments else (seg == 0)
     # The carried memory keeps its logical sharding through every segment (batch over data x fsdp).
     memory = _pin_memory(memory, c)
@@ -128,20 +177,23 @@ class SegmentDecoder(nn.Module):
       states = _take(memory, g.mem_start, g.mem_start + g.size) if g.has_memory else None
       if c.scan_layers:
         scanned = nn.scan(_layer_class(c, True), variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast), length=g.size,
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=g.size,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BLD, (g_states, g_stats) = scanned(c, g.has_memory, name=g.scanned_name)(x_BLD, states, cos_LE, sin_LE)
+        x_BLD, (g_states, g_stats) = scanned(c, g.has_memory, name=g.scanned_name)(x_BLD, states, cos_LE, sin_LE,
+                                                                                    docs)
       else:
         outs = []
         for i in range(g.start, g.stop):
           state = jax.tree.map(lambda a: a[i - g.start], states) if g.has_memory else None
-          x_BLD, out = _layer_class(c, False)(c, g.has_memory, name=f"layer_{i}")(x_BLD, state, cos_LE, sin_LE)
+          x_BLD, out = _layer_class(c, False)(c, g.has_memory, name=f"layer_{i}")(x_BLD, state, cos_LE, sin_LE,
+                                                                                   docs)
           outs.append(out)
         g_states, g_stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if g.has_memory else (None, None)
       if g.has_memory:
         new_memory.append(g_states)
         stats.append(g_stats)
-    return (_pin_memory(_concat(new_memory), c), seg + 1), (x_BLD, _concat(stats))
+    next_doc_B = mem_doc_B if ids_BL is None else ids_BL[:, -1]
+    return (_pin_memory(_concat(new_memory), c), seg + 1, next_doc_B), (x_BLD, _concat(stats))
 
 
 class LM2Model(nn.Module):
@@ -168,10 +220,20 @@ class LM2Model(nn.Module):
     """Logical axis names of each memory array (same pytree structure as `init_memory`)."""
     return memory_axes(self.config)
 
-  def _check_inputs(self, tokens_BT, memory):
+  def reset_memory(self, memory, rows_B):
+    """The memory with the rows where `rows_B` (bool [B]) is set replaced by a fresh memory."""
+    if not self.config.memory_layers:
+      return memory
+    return select_rows(rows_B, self.init_memory(rows_B.shape[0]), memory, batch_axis=1)
+
+  def _check_inputs(self, tokens_BT, memory, segment_ids_BT):
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
       raise ConfigError(f"tokens: expected integer ids of shape [batch, length], got {tokens_BT.dtype} "
                         f"{tokens_BT.shape}")
+    if segment_ids_BT is not None and (segment_ids_BT.shape != tokens_BT.shape
+                                       or not jnp.issubdtype(segment_ids_BT.dtype, jnp.integer)):
+      raise ConfigError(f"segment_ids: expected integer document ids of the tokens' shape {tokens_BT.shape}, got "
+                        f"{segment_ids_BT.dtype} {segment_ids_BT.shape}")
     expected = jax.eval_shape(lambda: self.init_memory(tokens_BT.shape[0]))
     got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), memory)
     if jax.tree.structure(expected) != jax.tree.structure(got) or jax.tree.leaves(expected) != jax.tree.leaves(got):
@@ -180,8 +242,11 @@ class LM2Model(nn.Module):
           f"{tokens_BT.shape[0]}: expected {expected}, got {got}. Make it with model.init_memory(batch_size).")
 
   @nn.compact
-  def __call__(self, tokens_BT, memory=None):
+  def __call__(self, tokens_BT, memory=None, segment_ids=None):
     """tokens_BT int [B, T] -> (logits_BTV float32, new memory, aux).
+
+    segment_ids: optional int [B, T] document id of each token (packed rows); attention and memory stay
+    within a document (module docstring).
 
     aux["memory_stats"]: the memory kind's read statistics averaged over segments (lm2: `read_mass`
     [num_memory_layers, B, num_slots]); aux["losses"]: the kind's auxiliary losses (scalars, may be empty).
@@ -190,7 +255,7 @@ class LM2Model(nn.Module):
     B, T = tokens_BT.shape
     if memory is None:
       memory = self.init_memory(B)
-    self._check_inputs(tokens_BT, memory)
+    self._check_inputs(tokens_BT, memory, segment_ids)
     S = c.num_segments(T)
     L = T // S
 
@@ -199,11 +264,15 @@ class LM2Model(nn.Module):
                                                                  ("vocab", "embed")))
     x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
     x_SBLD = x_BTD.reshape(B, S, L, c.d_model).swapaxes(0, 1)
+    ids_BT = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    ids_SBL = None if ids_BT is None else ids_BT.reshape(B, S, L).swapaxes(0, 1)
+    mem_doc_B = jnp.zeros((B,), jnp.int32) if ids_BT is None else ids_BT[:, 0]
     cos_LE, sin_LE = rope_tables(c, jnp.arange(L))
 
     segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False},
                        in_axes=(0, nn.broadcast, nn.broadcast), length=S)
-    (memory, _), (y_SBLD, stats) = segments(c, name="decoder")((memory, jnp.int32(0)), x_SBLD, cos_LE, sin_LE)
+    (memory, _, _), (y_SBLD, stats) = segments(c, name="decoder")(
+        (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL), cos_LE, sin_LE)
 
     y_BTD = y_SBLD.swapaxes(0, 1).reshape(B, T, c.d_model)
     y_BTD = RMSNorm(c.norm_eps, c.dtype, name="final_norm")(y_BTD)

@@ -98,11 +98,13 @@ def apply_rope(x_BLHE, cos_LE, sin_LE):
 
 
 class Attention(nn.Module):
-  """Causal grouped-query self-attention within a segment (any kv-head count dividing the head count)."""
+  """Causal grouped-query self-attention within a segment (any kv-head count dividing the head count).
+
+  `mask_B1LL` (optional, bool): which keys each query may see besides causality (tokens of its own document)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, cos_LE, sin_LE):
+  def __call__(self, x_BLD, cos_LE, sin_LE, mask_B1LL=None):
     c, dt = self.cfg, self.cfg.dtype
     q_BLHE = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj", dt)(x_BLD)
     k_BLKE = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", dt)(x_BLD)
@@ -110,7 +112,7 @@ class Attention(nn.Module):
     q_BLHE = nn.with_logical_constraint(apply_rope(q_BLHE, cos_LE, sin_LE), ("batch", "length", "heads", "head_dim"))
     k_BLKE = nn.with_logical_constraint(apply_rope(k_BLKE, cos_LE, sin_LE),
                                         ("batch", "length", "kv_heads", "head_dim"))
-    out_BLHE = jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, is_causal=True)
+    out_BLHE = jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, mask=mask_B1LL, is_causal=True)
     out_BLHE = nn.with_logical_constraint(out_BLHE, ("batch", "length", "heads", "head_dim"))
     return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)(out_BLHE)
 

@@ -28,26 +28,32 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                                              enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict[str, Any], config) -> None:
+    """Saves asynchronously; the directory is created by the first save, so a refused run leaves nothing."""
+    os.makedirs(self.directory, exist_ok=True)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_as_dict(state)), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config_json(config))))
 
   def check_compatible(self, step: int, config) -> None:
     """Raises ConfigError naming the first field that differs where the checkpoint cannot be reused."""
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved = self.saved_config(step)
     now = config_json(config)
     for section in _COMPATIBLE_REQUIRES:
       for path, old, new in _differences(saved.get(section, {}), now.get(section, {}), section):
         raise ConfigError(
             f"config.{path}={new!r}: the checkpoint in {self.directory} (step {step}) was written with {old!r}. "
             "Resume with the same model config, or start in a new --workdir.")
+
+  def saved_config(self, step: int) -> dict[str, Any]:
+    """The config (JSON) the checkpoint at `step` was written with."""
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
   def restore(self, step: int, state_template, state_shardings):
     """-> (state, data_state). `state_template` (arrays or ShapeDtypeStructs) gives structure, shapes and dtypes;

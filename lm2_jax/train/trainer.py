@@ -4,7 +4,8 @@
 
 The state holds the step, params, optimizer state and the training memory. With `config.data.continuing_stream`
 the memory written by one batch is read by the next (a continuing stream, as in RMT/LM2 training on long
-documents); otherwise every batch starts from a fresh memory.
+documents), except in rows whose batch starts a new document (`new_document`, from packed sources); otherwise
+every batch starts from a fresh memory. A batch's `segment_ids` keep attention and memory inside documents.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm2_jax.data.pipeline import batches
+from lm2_jax.data.pipeline import make_batches
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
@@ -62,7 +63,14 @@ def build(config, devices=None) -> Setup:
   mesh = make_mesh(config.mesh, devices)
   specs = nn.get_partition_spec(jax.eval_shape(lambda: _boxed_state(model, tx, config, jax.random.key(0))))
   specs = specs.replace(memory=model.memory_axes())
-  return Setup(config, model, tx, mesh, logical_shardings(specs, mesh), logical_shardings(("batch", "length"), mesh))
+  return Setup(config, model, tx, mesh, logical_shardings(specs, mesh), _batch_shardings(mesh))
+
+
+def _batch_shardings(mesh) -> dict[str, Any]:
+  """Shardings of the batch fields: [B, T] arrays over ('batch', 'length'), per-row flags over 'batch'."""
+  rows = logical_shardings(("batch", "length"), mesh)
+  return {"tokens": rows, "segment_ids": rows, "loss_mask": rows,
+          "new_document": logical_shardings(("batch",), mesh)}
 
 
 def _boxed_state(model: LM2Model, tx, config, rng) -> TrainState:
@@ -81,7 +89,8 @@ def init_state(setup: Setup) -> TrainState:
 
 
 def _loss_fn(model, params, batch, memory):
-  logits, new_memory, aux = model.apply({"params": params}, batch["tokens"], memory)
+  logits, new_memory, aux = model.apply({"params": params}, batch["tokens"], memory,
+                                        segment_ids=batch.get("segment_ids"))
   loss, accuracy = next_token_loss(logits, batch["tokens"], batch.get("loss_mask"))
   total = loss + sum(aux["losses"].values(), jnp.float32(0))
   return total, (loss, accuracy, new_memory, aux)
@@ -104,7 +113,12 @@ def make_train_step(setup: Setup):
   continuing = config.data.continuing_stream
 
   def step_fn(state: TrainState, batch):
-    memory = state.memory if continuing else model.init_memory(setup.batch_size)
+    if continuing:
+      memory = state.memory
+      if "new_document" in batch:
+        memory = model.reset_memory(memory, batch["new_document"])
+    else:
+      memory = model.init_memory(setup.batch_size)
     grads, (loss, accuracy, new_memory, aux) = jax.grad(
         lambda p: _loss_fn(model, p, batch, memory), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -115,7 +129,8 @@ def make_train_step(setup: Setup):
                            memory=new_memory if continuing else state.memory)
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+  # Batch arrays arrive placed by put_batch; their shardings are taken as they are.
+  return jax.jit(step_fn, in_shardings=(setup.state_shardings, None),
                  out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
 
 
@@ -140,14 +155,20 @@ def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
         setup.model.config.vocab_size,
         f"the data holds token ids in [{batch['tokens'].min()}, {batch['tokens'].max()}]; the vocabulary must "
         "cover them (check the tokenizer and config.model.vocab_size)")
-  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v) for k, v in batch.items()}
+  for name in batch:
+    check(name in setup.batch_sharding, "data", name,
+          f"the data gives a field the trainer does not know; the fields are {sorted(setup.batch_sharding)}")
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding[k], v) for k, v in batch.items()}
 
 
 class MetricsLog:
-  """Appends one JSON object per logged step to DIR/metrics.jsonl."""
+  """Per logged step: one JSON object appended to DIR/metrics.jsonl and scalars in TensorBoard event files in
+  DIR (process 0 only). Files are opened on the first write."""
 
   def __init__(self, workdir: str):
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if jax.process_index() != 0:
@@ -155,6 +176,16 @@ class MetricsLog:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # no TensorFlow needed
+      self._tb = SummaryWriter(self.workdir, flush_secs=30)
+    for name, value in row.items():
+      if name != "step":
+        self._tb.add_scalar(name, value, int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
 
 
 class Progress:
@@ -181,15 +212,18 @@ class Progress:
       print()
 
 
-def train(config, workdir: str, source) -> TrainState:
-  """Trains `config` on batches of `source` (random access) in `workdir`, resuming from its latest checkpoint.
+def train(config, workdir: str, data=None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
-  Writes DIR/config.json, DIR/metrics.jsonl and DIR/checkpoints/. Ctrl-C saves a checkpoint, then re-raises.
+  `data`: an iterator of host batches with `get_state`/`set_state` (default: `make_batches(config)`).
+  Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events and DIR/checkpoints/, each only once the first
+  step has run, so a run refused for bad input leaves the workdir as it was. Ctrl-C saves a checkpoint, then
+  re-raises.
   """
   t = config.train
   setup = build(config)
+  data = make_batches(config) if data is None else data
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
-  data = batches(source, t.batch_size, shuffle_seed=config.data.shuffle_seed)
   start = ckpt.latest_step()
   if start is None:
     state = init_state(setup)
@@ -199,10 +233,6 @@ def train(config, workdir: str, source) -> TrainState:
     state, data_state = ckpt.restore(start, template, setup.state_shardings)
     data.set_state(data_state)
   start = int(start or 0)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_json(config), f, indent=2)
 
   step_fn = make_train_step(setup)
   log = MetricsLog(workdir)
@@ -213,6 +243,10 @@ def train(config, workdir: str, source) -> TrainState:
     with use_mesh(setup.mesh):
       while step < t.steps:
         state, metrics = step_fn(state, put_batch(setup, next(data)))
+        if step == start and jax.process_index() == 0:  # the data and config passed their checks
+          os.makedirs(workdir, exist_ok=True)
+          with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json(config), f, indent=2)
         step += 1
         if step % t.log_every == 0 or step == t.steps:
           metrics = jax.device_get(metrics)
@@ -230,6 +264,7 @@ def train(config, workdir: str, source) -> TrainState:
     raise
   finally:
     progress.close()
+    log.close()
     ckpt.wait()
     ckpt.close()
   return state

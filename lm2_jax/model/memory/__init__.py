@@ -5,10 +5,16 @@ A memory kind is a Linen module registered here under its name. It has
   Config                      a frozen dataclass with at least `kind` and `layers`, built by `Config.parse`
   init_state(mcfg, batch)     static: a fresh per-layer state (pytree of float32 arrays, no layer axis)
   state_axes(mcfg)            static: the logical axis names of each state array (same pytree structure)
-  read(state, h_BLD)          -> (delta_BLD, stats): what the layer adds to the residual stream beside
-                                 self-attention, and per-slot read statistics of this segment
-  write(state, h_BLD, stats)  -> state: fold the segment's hidden states (and its read statistics) into the
-                                 memory
+  read(state, h_BLD, mask_BL=None)
+                              -> (delta_BLD, stats): what the layer adds to the residual stream beside
+                                 self-attention, and per-slot read statistics of this segment, counted over the
+                                 tokens of `mask_BL` (all when None)
+  write(state, h_BLD, stats, mask_BL=None)
+                              -> state: fold the segment's hidden states (and its read statistics) into the
+                                 memory; only tokens of `mask_BL` (all when None) may be written
+
+The decoder keeps documents apart (lm2_jax.model.decoder): it selects per token between a read of the carried
+and of a fresh state, and per row between writing into the carried or a fresh state.
 
 Adding a kind is one new file here that defines the module and decorates it with `@register("name")`, plus one
 import line at the bottom of this file.

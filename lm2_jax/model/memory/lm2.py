@@ -121,18 +121,29 @@ class LM2Memory(nn.Module):
     scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
     return _pin(scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32), "brln")
 
-  def read(self, state, h_BLD):
+  def read(self, state, h_BLD, mask_BL=None):
+    """-> (delta_BLD, {'read_mass': [B, N]}); the mass sums to 1 over slots, averaged over the tokens of
+    `mask_BL` (all tokens when None; 0 where a row has none)."""
     slots_BNS = state["slots"]
     p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=-1)
     v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
     read_BLRE = _pin(jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE), "blre")
     delta_BLD = nn.sigmoid(self.out_gate(read_BLRE)) * self.o(read_BLRE)
-    stats = {"read_mass": jax.lax.stop_gradient(p_BRLN.mean(axis=(1, 2)))}  # [B, N], sums to 1 over slots
-    return _pin(delta_BLD, "bld"), stats
+    p_BLN = p_BRLN.mean(axis=1)
+    if mask_BL is None:
+      mass_BN = p_BLN.mean(axis=1)
+    else:
+      w_BL = mask_BL.astype(jnp.float32)
+      mass_BN = jnp.einsum("bln,bl->bn", p_BLN, w_BL) / jnp.maximum(w_BL.sum(axis=1, keepdims=True), 1.0)
+    return _pin(delta_BLD, "bld"), {"read_mass": jax.lax.stop_gradient(mass_BN)}
 
-  def write(self, state, h_BLD, stats):
+  def write(self, state, h_BLD, stats, mask_BL=None):
+    """-> the new state; only the tokens of `mask_BL` (all when None; at least one per row) are written."""
     slots_BNS = state["slots"]
-    p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=2)  # each slot attends over the segment
+    scores_BRLN = self._scores(slots_BNS, h_BLD)
+    if mask_BL is not None:
+      scores_BRLN = jnp.where(mask_BL[:, None, :, None], scores_BRLN, jnp.finfo(jnp.float32).min)
+    p_BRLN = jax.nn.softmax(scores_BRLN, axis=2)  # each slot attends over the segment
     u_BLRE = _pin(self.u(h_BLD), "blre")
     u_BNRE = jnp.einsum("brln,blre->bnre", p_BRLN.astype(u_BLRE.dtype), u_BLRE, preferred_element_type=jnp.float32)
     u_BNS = _pin(u_BNRE.reshape(*u_BNRE.shape[:2], -1), "bns")

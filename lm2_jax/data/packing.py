@@ -1,0 +1,108 @@
+"""Packing documents into [B, T] rows as B continuing streams (a Grain IterDataset with checkpointable state).
+
+Row b of every batch continues stream b: documents are taken in order from a random-access dataset of token
+arrays and laid end to end in whichever stream needs one next, so a document longer than T continues in the
+same row of the next batch, where a memory carried between batches (`data.continuing_stream`) picks it up.
+Nothing is padded or dropped.
+
+A batch: {'tokens': int32 [B, T], 'segment_ids': int32 [B, T] (document id, the same for all tokens of one
+document in one stream, > 0), 'loss_mask': bool [B, T] (False at the first token of a document that follows
+another in the row: it is not predicted from another document), 'new_document': bool [B] (the row starts a
+document, so a carried memory must be reset)}.
+
+State: the next document index and each stream's (document, offset, documents seen); restoring re-reads the
+open documents by index, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+import grain
+import numpy as np
+
+from lm2_jax.model.config import ConfigError
+
+_MAX_ID = 2**30
+
+
+class PackedStreams(grain.IterDataset):
+  """`docs`: a MapDataset (random access, may be endless) of int32 token arrays; `num_docs`: documents in one
+  pass over it (to detect a source of only empty documents)."""
+
+  def __init__(self, docs: grain.MapDataset, *, batch_size: int, seq_len: int, num_docs: int, num_threads: int = 2,
+               prefetch: int = 32):
+    super().__init__(docs)
+    self.docs, self.batch_size, self.seq_len, self.num_docs = docs, batch_size, seq_len, num_docs
+    self.num_threads, self.prefetch = num_threads, prefetch
+
+  def __iter__(self) -> "PackedStreamsIterator":
+    return PackedStreamsIterator(self)
+
+
+class PackedStreamsIterator(grain.DatasetIterator):
+
+  def __init__(self, ds: PackedStreams):
+    super().__init__()
+    self._ds = ds
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(ds.num_threads, 1))
+    self._pending: dict[int, concurrent.futures.Future] = {}
+    self.set_state({"next_doc": 0, "streams": [[-1, 0, 0]] * ds.batch_size})
+
+  def _fetch(self, index: int) -> np.ndarray:
+    """Document `index`, reading ahead the next `prefetch` ones in background threads."""
+    for i in range(index, index + self._ds.prefetch):
+      if i not in self._pending:
+        self._pending[i] = self._pool.submit(self._ds.docs.__getitem__, i)
+    for i in [i for i in self._pending if i < index]:
+      del self._pending[i]
+    return np.asarray(self._pending.pop(index).result(), np.int32)
+
+  def _next_document(self) -> tuple[int, np.ndarray]:
+    for _ in range(self._ds.num_docs + 1):
+      index = self._next_doc
+      self._next_doc += 1
+      tokens = self._fetch(index)
+      if len(tokens):
+        return index, tokens
+    raise ConfigError(f"config.data: all {self._ds.num_docs} documents of the source are empty after tokenization")
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    B, T = self._ds.batch_size, self._ds.seq_len
+    tokens = np.empty((B, T), np.int32)
+    ids = np.empty((B, T), np.int32)
+    loss_mask = np.ones((B, T), bool)
+    new_document = np.zeros(B, bool)
+    for b, stream in enumerate(self._streams):
+      new_document[b] = stream["doc"] < 0
+      filled = 0
+      while filled < T:
+        if stream["doc"] < 0:
+          stream["doc"], stream["tokens"] = self._next_document()
+          stream["offset"], stream["seen"] = 0, stream["seen"] + 1
+          if filled:  # a document after another in the row: its first token is not predicted across the boundary
+            loss_mask[b, filled] = False
+        n = min(T - filled, len(stream["tokens"]) - stream["offset"])
+        tokens[b, filled:filled + n] = stream["tokens"][stream["offset"]:stream["offset"] + n]
+        ids[b, filled:filled + n] = stream["seen"] % _MAX_ID + 1
+        filled += n
+        stream["offset"] += n
+        if stream["offset"] == len(stream["tokens"]):
+          stream["doc"], stream["tokens"] = -1, None
+    return {"tokens": tokens, "segment_ids": ids, "loss_mask": loss_mask, "new_document": new_document}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_doc": self._next_doc,
+            "streams": [[s["doc"], s["offset"], s["seen"]] for s in self._streams]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state["streams"]) != self._ds.batch_size:
+      raise ConfigError(f"config.train.batch_size={self._ds.batch_size}: the saved data state has "
+                        f"{len(state['streams'])} streams per process; resume with the batch size it was saved with")
+    self._next_doc = int(state["next_doc"])
+    self._pending.clear()
+    self._streams = []
+    for doc, offset, seen in state["streams"]:
+      tokens = np.asarray(self._ds.docs[doc], np.int32) if doc >= 0 else None
+      self._streams.append({"doc": int(doc), "offset": int(offset), "seen": int(seen), "tokens": tokens})
