@@ -1,6 +1,9 @@
 """The training system: sharded steps, resume, plain-Orbax checkpoints, and bad input."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import defaults
-from lm2_jax.data import recall
+from lm2_jax.data import recall, sources
 from lm2_jax.data.pipeline import batches
 from lm2_jax.model import ConfigError
 from lm2_jax.parallel import use_mesh
@@ -54,13 +57,27 @@ def test_sharded_train_step_matches_one_device():
   jax.tree.map(close, o8, o1)
 
 
-@pytest.mark.parametrize("continuing", [False, True])
-def test_resume_equals_uninterrupted(tmp_path, continuing):
+def packed_config(tmp_path, steps):
+  """small_config on documents of token ids (ArrayRecord), packed as continuing streams."""
+  config = small_config(steps=steps, continuing=True)
+  rng = np.random.default_rng(0)
+  path = tmp_path / "docs.array_record"
+  if not path.exists():
+    sources.write_token_records(str(path), [rng.integers(0, 26, n) for n in rng.integers(3, 40, 25)])
+  config.data.update(dict(kind="array_record", paths=str(path), shuffle_seed=1))
+  return config
+
+
+@pytest.mark.parametrize("data", ["recall_fresh", "recall_continuing", "packed_documents"])
+def test_resume_equals_uninterrupted(tmp_path, data):
   k = 2
-  full = small_config(steps=2 * k, continuing=continuing)
+  continuing = data != "recall_fresh"
+  make = (lambda steps: packed_config(tmp_path, steps)) if data == "packed_documents" else (
+      lambda steps: small_config(steps=steps, continuing=continuing))
+  full = make(2 * k)
   uninterrupted = trainer.train(full, str(tmp_path / "a"))
 
-  half = small_config(steps=k, continuing=continuing)
+  half = make(k)
   trainer.train(half, str(tmp_path / "b"))
   resumed = trainer.train(full, str(tmp_path / "b"))  # same workdir, longer run: resumes at step k
 
@@ -105,3 +122,60 @@ def test_token_ids_out_of_range_are_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"model.vocab_size=16.*token ids in \[\d+, 2\d\]"):
     trainer.train(config, str(tmp_path / "run"), data)
   assert not os.path.exists(tmp_path / "run")  # nothing written: no checkpoints/, config.json or metrics
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+  """2 accumulated batches of 8 make the same update as one batch of 16 (same samples: every recall sample has
+  the same number of answer tokens, so the mean of the two batch losses is the loss of the union)."""
+  accumulated = small_config(steps=4)
+  accumulated.train.update(dict(grad_accum_steps=2, warmup_steps=2))
+  larger = small_config(steps=2)
+  larger.train.update(dict(batch_size=16, warmup_steps=1))
+  a = trainer.train(accumulated, str(tmp_path / "a"))
+  b = trainer.train(larger, str(tmp_path / "b"))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6, rtol=1e-5), a.params, b.params)
+  assert not np.allclose(a.params["embed"]["embedding"], trainer.init_state(trainer.build(larger)).params["embed"]["embedding"])
+
+
+def test_batch_that_the_mesh_cannot_split_is_refused():
+  config = small_config()
+  config.train.batch_size = 4
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=4: must be a multiple of .* = 8 devices"):
+    trainer.build(config)
+
+
+def test_missing_data_files_are_refused_before_anything_is_written(tmp_path):
+  config = small_config(steps=2)
+  config.data.update(dict(kind="text_files", paths=str(tmp_path / "nothing/*.txt"), tokenizer="x.model"))
+  with pytest.raises(ConfigError, match=r"config.data.paths=.*matches no file"):
+    trainer.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_text_launchers_end_to_end(tmp_path):
+  """train_tokenizer -> train on packed text with a carried memory -> evaluate, through the absl launchers."""
+  from test_data import write_corpus
+
+  train_files = write_corpus(tmp_path / "train", num_files=2, words=800)
+  write_corpus(tmp_path / "eval", num_files=1, words=800)
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
+  out = run("launch.train_tokenizer", f"--input={tmp_path / 'train'}/*.txt", f"--output={tmp_path / 'spm'}",
+            "--vocab_size=120")
+  assert out.returncode == 0, out.stderr[-2000:]
+  workdir = tmp_path / "run"
+  flags = ["--config=configs/quickstart.py", f"--workdir={workdir}", "--config.data.kind=text_files",
+           f"--config.data.paths={train_files[0]},{train_files[1]}", "--config.data.text_split=paragraph",
+           f"--config.data.tokenizer={tmp_path / 'spm.model'}", "--config.data.continuing_stream=True",
+           f"--config.data.eval_paths={tmp_path / 'eval'}/*.txt", "--config.model.vocab_size=128",
+           "--config.train.steps=4", "--config.train.warmup_steps=1", "--config.train.log_every=2",
+           "--config.train.batch_size=8", "--config.checkpoint.every=4"]
+  out = run("launch.train", *flags)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  out = run("launch.evaluate", f"--workdir={workdir}", "--num_batches=2")
+  assert out.returncode == 0, out.stderr[-2000:]
+  results = json.loads((workdir / "eval_4.json").read_text())
+  assert results["step"] == 4 and results["batches"] == 2
+  assert np.isclose(results["perplexity"], np.exp(results["loss"])) and 1 < results["perplexity"] < 128

@@ -20,15 +20,15 @@ from lm2_jax.model.config import ConfigError
 TEXT_SPLITS = ("file", "paragraph", "line")
 
 
-def expand_paths(pattern: str, field: str = "data.paths") -> list[str]:
+def expand_paths(pattern: str, field: str = "config.data.paths") -> list[str]:
   """A comma-separated list of files or globs -> sorted, distinct files; an error names what matched nothing."""
   if not pattern:
-    raise ConfigError(f"config.{field}={pattern!r}: give one or more files or globs, comma-separated")
+    raise ConfigError(f"{field}={pattern!r}: give one or more files or globs, comma-separated")
   files = []
   for part in pattern.split(","):
     matched = sorted(p for p in glob.glob(os.path.expanduser(part.strip())) if os.path.isfile(p))
     if not matched:
-      raise ConfigError(f"config.{field}={pattern!r}: {part.strip()!r} matches no file; check the path")
+      raise ConfigError(f"{field}={pattern!r}: {part.strip()!r} matches no file; check the path")
     files += matched
   return sorted(set(files))
 

@@ -16,7 +16,8 @@ def recall_accuracy(setup: trainer.Setup, params, task: RecallTask, *, num_sampl
   """Fraction of answer tokens predicted exactly (greedy), over `num_samples` samples from a fresh memory."""
   step = trainer.make_eval_step(setup)
   it = batches(task, batch_size)
-  accs = [float(step(params, next(it))["accuracy"]) for _ in range(max(num_samples // batch_size, 1))]
+  memory = setup.model.init_memory(batch_size)
+  accs = [float(step(params, next(it), memory)[0]["accuracy"]) for _ in range(max(num_samples // batch_size, 1))]
   return float(np.mean(accs))  # every sample has the same number of answers, so batch means average exactly
 
 

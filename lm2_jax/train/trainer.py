@@ -21,12 +21,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from lm2_jax.data.pipeline import make_batches
 from lm2_jax.model import LM2Model
-from lm2_jax.model.config import check
+from lm2_jax.model.config import ConfigError, check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
 from lm2_jax.train.checkpoint import Checkpointer, config_json
 from lm2_jax.train.loss import next_token_loss
@@ -61,6 +62,10 @@ def build(config, devices=None) -> Setup:
   model = LM2Model(config.model)
   tx = make_optimizer(config.train)
   mesh = make_mesh(config.mesh, devices)
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  check(config.train.batch_size % rows == 0, "train.batch_size", config.train.batch_size,
+        f"must be a multiple of the mesh's data x fsdp = {rows} devices that split the batch; change it or "
+        "config.mesh")
   specs = nn.get_partition_spec(jax.eval_shape(lambda: _boxed_state(model, tx, config, jax.random.key(0))))
   specs = specs.replace(memory=model.memory_axes())
   return Setup(config, model, tx, mesh, logical_shardings(specs, mesh), _batch_shardings(mesh))
@@ -135,15 +140,39 @@ def make_train_step(setup: Setup):
 
 
 def make_eval_step(setup: Setup):
-  """params, batch -> {'loss', 'accuracy'} from a fresh memory (any batch size and length)."""
+  """(params, batch, memory) -> (metrics {'loss', 'accuracy', ...}, memory after the batch); jit, any batch size
+  and length. Rows of a batch flagged `new_document` start from a fresh memory; pass `model.init_memory(B)` to
+  evaluate every batch from a fresh memory, or the returned memory to follow continuing streams."""
   model = setup.model
 
-  def eval_fn(params, batch):
-    memory = model.init_memory(batch["tokens"].shape[0])
-    _, (loss, accuracy, _, aux) = _loss_fn(model, params, batch, memory)
-    return {"loss": loss, "accuracy": accuracy, **_memory_metrics(aux)}
+  def eval_fn(params, batch, memory):
+    if "new_document" in batch:
+      memory = model.reset_memory(memory, batch["new_document"])
+    _, (loss, accuracy, new_memory, aux) = _loss_fn(model, params, batch, memory)
+    return {"loss": loss, "accuracy": accuracy, **_memory_metrics(aux)}, new_memory
 
   return jax.jit(eval_fn)
+
+
+def restore(workdir: str, config=None, step: int | None = None):
+  """(config, setup, state) of the checkpoint at `step` (default: the latest) in `workdir`. `config` defaults to
+  the one the checkpoint was written with; a given one must be compatible with it."""
+  ckpt = Checkpointer(workdir, keep=1)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.manager.all_steps():
+      raise ConfigError(f"--workdir={workdir!r}: no checkpoint at step {step}; the checkpoints there are "
+                        f"{sorted(ckpt.manager.all_steps())}")
+    if config is None:
+      config = ml_collections.ConfigDict(ckpt.saved_config(step))
+    else:
+      ckpt.check_compatible(step, config)
+    setup = build(config)
+    template = jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, config, jax.random.key(0))))
+    state, _ = ckpt.restore(step, template, setup.state_shardings)
+  finally:
+    ckpt.close()
+  return config, setup, state
 
 
 def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
