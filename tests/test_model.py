@@ -11,7 +11,7 @@ from lm2_jax.model import LM2Model, count_params, scan_layout, unscan_layout
 SEG = 8  # tiny_config's segment_len
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
 @pytest.mark.parametrize("t", [3, SEG, 2 * SEG + 5], ids=["in_first_segment", "segment_boundary", "later_segment"])
 def test_causal(kind, t):
   model, params = build(tiny_config(kind))
@@ -26,7 +26,7 @@ def test_causal(kind, t):
 def test_memory_carries_information_across_segments():
   tokens = random_tokens(0, (2, 2 * SEG))
   changed = tokens.at[:, :SEG].set(random_tokens(1, (2, SEG)))
-  for kind, expect_change in [("lm2", True), ("none", False)]:
+  for kind, expect_change in [("lm2", True), ("hierarchical", True), ("none", False)]:
     model, params = build(tiny_config(kind))
     f = logits_fn(model, params)
     diff = np.abs(np.asarray(f(tokens))[:, SEG:] - np.asarray(f(changed))[:, SEG:]).max()
@@ -145,7 +145,7 @@ def test_count_params_splits_memory():
   assert count_params(LM2Model(tiny_config("none")))["total"] == counts["decoder"]
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
 def test_documents_do_not_see_each_other(kind):
   """Two documents packed in one row (the second starts mid-segment): changing either one leaves the other's
   logits exactly as they were, through attention and through the memory."""
@@ -164,7 +164,7 @@ def test_documents_do_not_see_each_other(kind):
                 - np.asarray(f(tokens, jnp.ones_like(ids)))[:, start:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
 def test_document_starting_at_a_segment_is_computed_as_if_alone(kind):
   """A document that starts at a segment boundary reads a fresh memory, exactly as if the row held it alone;
   one-document rows give the logits of a call without segment_ids."""

@@ -16,7 +16,7 @@ def test_mesh_sizes():
     make_mesh({"data": 3, "fsdp": 1, "tensor": 1})
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
 def test_sharded_forward_and_grad_match_one_device(kind):
   assert len(jax.devices()) == 8
   model, params = build(tiny_config(kind))
@@ -47,3 +47,5 @@ def test_sharded_forward_and_grad_match_one_device(kind):
   jax.tree.map(close, mem, want_mem)
   jax.tree.map(close, grads, want_grads)
   assert len(grads["embed"]["embedding"].sharding.device_set) == 8
+  if kind == "hierarchical":  # banks split over the tensor axis (logical axis mem_banks)
+    assert m_sh["bank_slots"].spec[2] == "tensor" and mem["bank_slots"].sharding.spec[2] == "tensor"

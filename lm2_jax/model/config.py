@@ -176,10 +176,19 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.remat_policy = "none"      # none | full | dots | dots_with_no_batch_dims
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2
+  m.memory.kind = "none"       # none | lm2 | hierarchical
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python)
   m.memory.num_slots = 64
   m.memory.num_heads = 8
   m.memory.slot_dim = 0        # 0: d_model
   m.memory.read_decay = 0.99   # per-segment decay of the read statistics kept in the memory state
+  # hierarchical (lm2_jax/model/memory/hierarchical.py): general level + banks, each token reads top_k banks
+  m.memory.general_slots = 32
+  m.memory.num_banks = 64
+  m.memory.bank_slots = 32
+  m.memory.top_k = 2
+  m.memory.write_tokens = 8    # tokens per segment written into the banks
+  m.memory.skip_threshold = 0.0  # deep-read gate below which a token skips the deep level (0: never)
+  m.memory.balance_loss_weight = 0.01
+  m.memory.product_keys = False  # route with product keys (num_banks a square): O(sqrt(num_banks)) per token
   return m

@@ -249,7 +249,8 @@ class LM2Model(nn.Module):
     within a document (module docstring).
 
     aux["memory_stats"]: the memory kind's read statistics averaged over segments (lm2: `read_mass`
-    [num_memory_layers, B, num_slots]); aux["losses"]: the kind's auxiliary losses (scalars, may be empty).
+    [num_memory_layers, B, num_slots]); aux["losses"]: the kind's auxiliary losses (scalars, may be empty): a kind
+    returns them among its read statistics as `loss_<name>` [B], already weighted; they are averaged here.
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -281,5 +282,7 @@ class LM2Model(nn.Module):
     else:
       logits_BTV = dense(c.vocab_size, ("embed", "vocab"), "lm_head", c.dtype)(y_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
-    aux = {"memory_stats": jax.tree.map(lambda a: a.mean(axis=0), stats), "losses": {}}
+    stats = dict(stats)  # [segments, memory layers, B, ...] each; entries named loss_* are auxiliary losses
+    losses = {k.removeprefix("loss_"): stats.pop(k).mean() for k in sorted(stats) if k.startswith("loss_")}
+    aux = {"memory_stats": jax.tree.map(lambda a: a.mean(axis=0), stats), "losses": losses}
     return logits_BTV, memory, aux

@@ -103,13 +103,21 @@ def _loss_fn(model, params, batch, memory):
 
 def _memory_metrics(aux) -> dict[str, jax.Array]:
   """How the memory was read: entropy of the read mass over slots (nats; log N = uniform) and the top slot's
-  share, averaged over memory layers and batch."""
+  share (of the general level for hierarchical memory), averaged over memory layers and batch; for
+  hierarchical memory also the share of tokens that read the deep level, of banks touched, the busiest bank's
+  share of picks, and the auxiliary losses."""
   stats = aux["memory_stats"]
-  if "read_mass" not in stats:
-    return {}
-  mass = stats["read_mass"]
-  return {"memory/read_entropy": -(mass * jnp.log(mass + 1e-9)).sum(-1).mean(),
-          "memory/read_max": mass.max(-1).mean()}
+  out = {f"memory/loss_{k}": v for k, v in aux["losses"].items()}
+  mass = stats.get("read_mass", stats.get("general", {}).get("read_mass"))
+  if mass is not None:
+    out["memory/read_entropy"] = -(mass * jnp.log(mass + 1e-9)).sum(-1).mean()
+    out["memory/read_max"] = mass.max(-1).mean()
+  for name in ("deep_tokens", "deep_banks"):
+    if name in stats:
+      out[f"memory/{name}"] = stats[name].mean()
+  if "bank_usage" in stats:
+    out["memory/bank_usage_max"] = stats["bank_usage"].max(-1).mean()
+  return out
 
 
 def make_train_step(setup: Setup):

@@ -8,7 +8,8 @@ A memory kind is a Linen module registered here under its name. It has
   read(state, h_BLD, mask_BL=None)
                               -> (delta_BLD, stats): what the layer adds to the residual stream beside
                                  self-attention, and per-slot read statistics of this segment, counted over the
-                                 tokens of `mask_BL` (all when None)
+                                 tokens of `mask_BL` (all when None); entries `loss_<name>` [B] are auxiliary
+                                 losses, already weighted, that the trainer adds to the loss
   write(state, h_BLD, stats, mask_BL=None)
                               -> state: fold the segment's hidden states (and its read statistics) into the
                                  memory; only tokens of `mask_BL` (all when None) may be written
@@ -84,3 +85,4 @@ def module_class(mcfg) -> type:
 
 
 from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')
+from lm2_jax.model.memory import hierarchical  # noqa: E402,F401  (registers 'hierarchical')

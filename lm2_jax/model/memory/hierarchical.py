@@ -1,0 +1,241 @@
+"""Hierarchical memory: a small general level every token reads, and many banks of which a token reads top-k.
+
+Letters: B batch, L positions in the segment, D d_model, S slot_dim, R heads, E = S / R, N0 general slots,
+K banks (num_banks), N1 slots per bank (bank_slots), k banks read per token (top_k), m tokens written per
+segment (write_tokens).
+
+general level  an LM2 memory of N0 slots (lm2_jax.model.memory.lm2): read by every token, gated update.
+routing        r_t = h_t Wr; bank scores s_tb = r_t . key_b / sqrt(|r|); token t reads its top-k banks with
+               weights w = softmax(top-k scores). With `product_keys`, K = P^2 and key_(i,j) = [key1_i, key2_j]:
+               the top-k of the K scores s1_i + s2_j are found among the k x k pairs of each half's top-k, so
+               routing costs O(sqrt(K)) per token instead of O(K).
+deep read      per chosen bank, attention of the token's query over that bank's slots (the slots, RMS-normalised,
+               are both keys and values; heads split S), mixed over banks by w:
+                 read_t = sum_b w_tb sum_n softmax_n(q_t . M~_bn / sqrt(E)) M~_bn;   deep_t = read_t Wo
+               and gated in: delta_t = general_t + g_t deep_t, g_t = sigmoid(h_t Wg + bg). Per token the deep
+               read touches k * N1 slots, whatever K is: capacity K * N1 grows without growing the read.
+skipping       tokens with g_t < skip_threshold skip the deep read (their deep contribution is dropped; when no
+               token of the batch needs it, the deep read is not computed at all). aux reports the fraction of
+               tokens and of banks touched.
+write          after the segment: the general level updates with LM2's gates; the m most salient tokens
+               (salience s_t = h_t Ws) each write tanh(h_t Wu) * sigmoid(s_t) into the bank it routes to first,
+               replacing that bank's least-read slot (the next least-read for a second token into the same bank).
+               A replaced slot's read count restarts at its bank's mean, so a new entry is not the first evicted.
+balance loss   switch-style, K * sum_b f_b P_b (f_b: share of top-k picks, P_b: mean routing probability), added
+               to the training loss with weight `balance_loss_weight`; it is 1 when routing is uniform.
+
+Causality: routing and reads of token t depend on h_t and on memory written by earlier segments only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
+from lm2_jax.model.layers import dense
+from lm2_jax.model.memory import parse_layers, register
+from lm2_jax.model.memory.lm2 import LM2Memory, LM2MemoryConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HierarchicalMemoryConfig:
+  kind: str
+  layers: tuple[int, ...]
+  num_heads: int
+  slot_dim: int
+  read_decay: float
+  general_slots: int          # N0
+  num_banks: int              # K
+  bank_slots: int             # N1
+  top_k: int                  # banks read per token
+  write_tokens: int           # m, tokens written into the banks per segment
+  skip_threshold: float       # deep-read gate below which a token skips the deep read (0: never skip)
+  balance_loss_weight: float
+  product_keys: bool          # route with product keys (num_banks must be a square)
+
+  @property
+  def general(self) -> LM2MemoryConfig:
+    return LM2MemoryConfig(kind="lm2", layers=self.layers, num_slots=self.general_slots, num_heads=self.num_heads,
+                           slot_dim=self.slot_dim, read_decay=self.read_decay)
+
+  @classmethod
+  def parse(cls, cfg: Any, *, num_layers: int, d_model: int) -> "HierarchicalMemoryConfig":
+    v = as_dict(cfg, "model.memory")
+    f = "model.memory"
+    for name in ("general_slots", "num_banks", "bank_slots", "top_k", "write_tokens"):
+      check(name in v, f"{f}.{name}", None, "required for memory kind 'hierarchical'")
+    ints = {n: positive_int(v, n, f) for n in ("general_slots", "num_banks", "bank_slots", "top_k", "write_tokens")}
+    general = LM2MemoryConfig.parse({**v, "num_slots": ints["general_slots"]}, num_layers=num_layers,
+                                    d_model=d_model)
+    check(ints["top_k"] <= ints["num_banks"], f"{f}.top_k", ints["top_k"],
+          f"must be <= num_banks={ints['num_banks']}")
+    check(ints["write_tokens"] <= ints["bank_slots"], f"{f}.write_tokens", ints["write_tokens"],
+          f"must be <= bank_slots={ints['bank_slots']} (all writes of a segment may go to one bank)")
+    product = v.get("product_keys", False)
+    check(isinstance(product, bool), f"{f}.product_keys", product, "must be True or False")
+    if product:
+      side = math.isqrt(ints["num_banks"])
+      check(side * side == ints["num_banks"], f"{f}.num_banks", ints["num_banks"],
+            "product keys need a square number of banks (e.g. 256, 1024, 4096)")
+      check(ints["top_k"] <= side, f"{f}.top_k", ints["top_k"], f"must be <= sqrt(num_banks)={side} with product keys")
+      check(general.slot_dim % 2 == 0, f"{f}.slot_dim", general.slot_dim, "must be even with product keys")
+    threshold = v.get("skip_threshold", 0.0)
+    check(isinstance(threshold, (int, float)) and 0 <= threshold < 1, f"{f}.skip_threshold", threshold,
+          "must be in [0, 1) (0: every token reads the deep level)")
+    weight = v.get("balance_loss_weight", 0.01)
+    check(isinstance(weight, (int, float)) and weight >= 0, f"{f}.balance_loss_weight", weight, "must be >= 0")
+    return cls(kind=v["kind"], layers=parse_layers(v["layers"], num_layers), num_heads=general.num_heads,
+               slot_dim=general.slot_dim, read_decay=general.read_decay, skip_threshold=float(threshold),
+               balance_loss_weight=float(weight), product_keys=product, **ints)
+
+
+def _gather_rows(x_BK, idx_BJ):
+  """x[b, idx[b, j]] for every b: [B, K, ...] gathered by [B, ...] indices -> [B, ..., ...]."""
+  return jax.vmap(lambda x, i: x[i])(x_BK, idx_BJ)
+
+
+@register("hierarchical")
+class HierarchicalMemory(nn.Module):
+  cfg: ModelConfig
+
+  Config = HierarchicalMemoryConfig
+
+  @staticmethod
+  def init_state(mcfg: HierarchicalMemoryConfig, batch: int) -> dict[str, Any]:
+    """General level as LM2's; banks start empty (zero slots read as nothing)."""
+    return {"general": LM2Memory.init_state(mcfg.general, batch),
+            "bank_slots": jnp.zeros((batch, mcfg.num_banks, mcfg.bank_slots, mcfg.slot_dim), jnp.float32),
+            "bank_read_mass": jnp.zeros((batch, mcfg.num_banks, mcfg.bank_slots), jnp.float32)}
+
+  @staticmethod
+  def state_axes(mcfg: HierarchicalMemoryConfig) -> dict[str, Any]:
+    return {"general": LM2Memory.state_axes(mcfg.general),
+            "bank_slots": ("batch", "mem_banks", "mem_slots", "embed"),
+            "bank_read_mass": ("batch", "mem_banks", "mem_slots")}
+
+  def setup(self):
+    c, m, dt = self.cfg, self.cfg.memory, self.cfg.dtype
+    self.general = LM2Memory(dataclasses.replace(c, memory=m.general), name="general")
+    e = m.slot_dim // m.num_heads
+    keys = (2, math.isqrt(m.num_banks), m.slot_dim // 2) if m.product_keys else (m.num_banks, m.slot_dim)
+    axes = (None, "mem_banks", None) if m.product_keys else ("mem_banks", None)
+    self.bank_keys = self.param("bank_keys", nn.with_logical_partitioning(nn.initializers.normal(1.0), axes), keys,
+                                jnp.float32)
+    self.route = dense(m.slot_dim, ("embed", None), "route_proj", jnp.float32)
+    self.q = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "q_proj", dt)
+    self.o = dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)
+    self.deep_gate = dense(1, ("embed", None), "deep_gate", jnp.float32, use_bias=True)
+    self.u = dense(m.slot_dim, ("embed", None), "u_proj", dt)
+    self.salience = dense(1, ("embed", None), "salience", jnp.float32, use_bias=True)
+    self.slot_scale = self.param("slot_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                                 (m.slot_dim,), jnp.float32)  # RMSNorm scale of the bank slots
+
+  def _route(self, h_BLD):
+    """-> (banks [B, L, k] int32, weights [B, L, k] summing to 1, mean routing probability per bank [B, K])."""
+    m = self.cfg.memory
+    r_BLS = self.route(h_BLD.astype(jnp.float32))
+    if not m.product_keys:
+      scores_BLK = jnp.einsum("bls,ks->blk", r_BLS, self.bank_keys) / np.sqrt(m.slot_dim)
+      top_BLk, banks_BLk = jax.lax.top_k(scores_BLK, m.top_k)
+      probs_BK = jax.nn.softmax(scores_BLK, axis=-1).mean(axis=1)
+    else:
+      half = m.slot_dim // 2
+      s1_BLP = jnp.einsum("bls,ps->blp", r_BLS[..., :half], self.bank_keys[0]) / np.sqrt(m.slot_dim)
+      s2_BLP = jnp.einsum("bls,ps->blp", r_BLS[..., half:], self.bank_keys[1]) / np.sqrt(m.slot_dim)
+      t1, i1 = jax.lax.top_k(s1_BLP, m.top_k)
+      t2, i2 = jax.lax.top_k(s2_BLP, m.top_k)
+      pair_scores = (t1[..., :, None] + t2[..., None, :]).reshape(*t1.shape[:2], -1)      # [B, L, k*k]
+      top_BLk, pick = jax.lax.top_k(pair_scores, m.top_k)
+      side = s1_BLP.shape[-1]
+      banks_BLk = jnp.take_along_axis(i1, pick // m.top_k, -1) * side + jnp.take_along_axis(i2, pick % m.top_k, -1)
+      # softmax over all K = P^2 pair scores factorises into the two halves' softmaxes.
+      p1, p2 = jax.nn.softmax(s1_BLP, axis=-1), jax.nn.softmax(s2_BLP, axis=-1)
+      probs_BK = jnp.einsum("blp,blq->bpq", p1, p2).reshape(p1.shape[0], -1) / p1.shape[1]
+    return banks_BLk, jax.nn.softmax(top_BLk, axis=-1), probs_BK
+
+  def _deep_read(self, bank_slots_BKNS, h_BLD, banks_BLk, w_BLk, active=None):
+    """-> (deep_BLD, attention per chosen slot [B, L, k, N1]); touches only the k chosen banks per token. With
+    `active` (a bool scalar), the gather and attention run only when it is set (zeros otherwise)."""
+    m, c = self.cfg.memory, self.cfg
+    e = m.slot_dim // m.num_heads
+    q_BLRE = self.q(h_BLD)
+    scale_S = self.slot_scale
+
+    def attend(_):
+      slots_BLkNS = _gather_rows(bank_slots_BKNS, banks_BLk).astype(jnp.float32)
+      slots_BLkNS = slots_BLkNS * jax.lax.rsqrt(jnp.mean(slots_BLkNS**2, axis=-1, keepdims=True) + c.norm_eps)
+      slots_BLkNRE = (slots_BLkNS * scale_S).astype(c.dtype).reshape(*slots_BLkNS.shape[:-1], m.num_heads, e)
+      scores = jnp.einsum("blre,blknre->blrkn", q_BLRE, slots_BLkNRE, preferred_element_type=jnp.float32)
+      p_BLRkN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
+      read_BLRE = jnp.einsum("blrkn,blk,blknre->blre", p_BLRkN.astype(slots_BLkNRE.dtype),
+                             w_BLk.astype(slots_BLkNRE.dtype), slots_BLkNRE)
+      return read_BLRE, p_BLRkN.mean(axis=2) * w_BLk[..., None]
+
+    def skip(_):
+      return jnp.zeros_like(q_BLRE), jnp.zeros((*banks_BLk.shape, m.bank_slots), jnp.float32)
+
+    read_BLRE, mass_BLkN = attend(None) if active is None else jax.lax.cond(active, attend, skip, None)
+    return self.o(read_BLRE), mass_BLkN
+
+  def read(self, state, h_BLD, mask_BL=None):
+    m = self.cfg.memory
+    B, L, _ = h_BLD.shape
+    general_BLD, general_stats = self.general.read(state["general"], h_BLD, mask_BL)
+    banks_BLk, w_BLk, probs_BK = self._route(h_BLD)
+    gate_BL = nn.sigmoid(self.deep_gate(h_BLD.astype(jnp.float32))[..., 0])
+    active_BL = gate_BL >= m.skip_threshold
+    w_tok_BL = jnp.ones((B, L), jnp.float32) if mask_BL is None else mask_BL.astype(jnp.float32)
+    # Progressive activation: with a threshold, no deep read at all when no token of the batch needs one.
+    deep_BLD, slot_mass_BLkN = self._deep_read(state["bank_slots"], h_BLD, banks_BLk, w_BLk,
+                                               active_BL.any() if m.skip_threshold > 0 else None)
+    delta_BLD = general_BLD + jnp.where(active_BL[..., None], gate_BL[..., None].astype(deep_BLD.dtype) * deep_BLD, 0)
+
+    # Statistics over the tokens of mask_BL that read the deep level.
+    reads_BL = w_tok_BL * active_BL
+    count_B = jnp.maximum(w_tok_BL.sum(axis=1), 1.0)
+    scatter = jax.vmap(lambda idx, x: jnp.zeros((m.num_banks, *x.shape[1:]), x.dtype).at[idx].add(x))
+    bank_mass_BKN = scatter(banks_BLk.reshape(B, -1),
+                            (slot_mass_BLkN * reads_BL[..., None, None]).reshape(B, -1, m.bank_slots))
+    picks_BK = scatter(banks_BLk.reshape(B, -1), jnp.broadcast_to(reads_BL[..., None], banks_BLk.shape).reshape(B, -1))
+    share_BK = picks_BK / (m.top_k * count_B[:, None])
+    balance_B = m.num_banks * (share_BK * probs_BK).sum(axis=-1)
+    stats = {"general": general_stats,
+             "bank_read_mass": jax.lax.stop_gradient(bank_mass_BKN / count_B[:, None, None]),
+             "bank_usage": jax.lax.stop_gradient(share_BK),
+             "deep_tokens": jax.lax.stop_gradient(reads_BL.sum(axis=1) / count_B),
+             "deep_banks": jax.lax.stop_gradient((picks_BK > 0).mean(axis=-1)),
+             "loss_balance": m.balance_loss_weight * balance_B}
+    return delta_BLD, stats
+
+  def write(self, state, h_BLD, stats, mask_BL=None):
+    m = self.cfg.memory
+    general = self.general.write(state["general"], h_BLD, stats["general"], mask_BL)
+    salience_BL = self.salience(h_BLD.astype(jnp.float32))[..., 0]
+    if mask_BL is not None:
+      salience_BL = jnp.where(mask_BL, salience_BL, jnp.finfo(jnp.float32).min)
+    top_Bm, tokens_Bm = jax.lax.top_k(salience_BL, m.write_tokens)
+    valid_Bm = jnp.ones_like(top_Bm, bool) if mask_BL is None else _gather_rows(mask_BL, tokens_Bm)
+    content_BmS = jnp.tanh(_gather_rows(self.u(h_BLD), tokens_Bm)).astype(jnp.float32) * nn.sigmoid(top_Bm)[..., None]
+    banks_Bm = _gather_rows(self._route(h_BLD)[0][..., 0], tokens_Bm)
+    # The i-th write into a bank replaces its i-th least-read slot.
+    mass_BKN = m.read_decay * state["bank_read_mass"] + stats["bank_read_mass"]
+    same_Bmm = banks_Bm[:, :, None] == banks_Bm[:, None, :]
+    rank_Bm = jnp.sum(jnp.tril(same_Bmm, k=-1), axis=-1)
+    order_BmN = jnp.argsort(_gather_rows(mass_BKN, banks_Bm), axis=-1)
+    slot_Bm = jnp.take_along_axis(order_BmN, rank_Bm[..., None], -1)[..., 0]
+
+    def put(slots_KNS, mass_KN, banks, slot, content, valid):
+      old = slots_KNS[banks, slot]
+      slots_KNS = slots_KNS.at[banks, slot].set(jnp.where(valid[:, None], content, old))
+      fresh_mass = jnp.where(valid, mass_KN.mean(axis=-1)[banks], mass_KN[banks, slot])
+      return slots_KNS, mass_KN.at[banks, slot].set(fresh_mass)
+
+    slots_BKNS, mass_BKN = jax.vmap(put)(state["bank_slots"], mass_BKN, banks_Bm, slot_Bm, content_BmS, valid_Bm)
+    return {"general": general, "bank_slots": slots_BKNS, "bank_read_mass": mass_BKN}

@@ -1,0 +1,155 @@
+"""Hierarchical memory against brute-force references: routing, the deep read, writes, skipping, balance."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import build, random_tokens, tiny_config
+from lm2_jax.model import ConfigError, ModelConfig
+from lm2_jax.model.memory.hierarchical import HierarchicalMemory
+
+B, L = 2, 8
+
+
+def _module(**fields):
+  cfg = ModelConfig.from_config(tiny_config("hierarchical", **{f"memory_{k}": v for k, v in fields.items()}))
+  mem = HierarchicalMemory(cfg)
+  h = jax.random.normal(jax.random.key(0), (B, L, cfg.d_model))
+  state = mem.init_state(cfg.memory, B)
+  m = cfg.memory
+  state["bank_slots"] = jax.random.normal(jax.random.key(1), state["bank_slots"].shape)
+  state["bank_read_mass"] = jax.random.uniform(jax.random.key(2), state["bank_read_mass"].shape)
+  read_then_write = lambda mod, state, h: mod.write(state, h, mod.read(state, h)[1])
+  params = nn.unbox(mem.init(jax.random.key(3), state, h, method=read_then_write))
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(4), p.shape), params)  # no zero biases
+  return cfg, m, mem, params, state, h
+
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def _routing_scores(m, p, h):
+  """Brute force: every bank's score [B, L, K] (product keys: all pairs (i, j) with key [key1_i, key2_j])."""
+  r = _np(h) @ _np(p["route_proj"]["kernel"])
+  keys = _np(p["bank_keys"])
+  if m.product_keys:
+    side = keys.shape[1]
+    keys = np.stack([np.concatenate([keys[0, i], keys[1, j]]) for i, j in itertools.product(range(side), repeat=2)])
+  return r @ keys.T / np.sqrt(m.slot_dim)
+
+
+@pytest.mark.parametrize("product_keys", [False, True])
+def test_routing_picks_the_top_k_banks_of_all_scores(product_keys):
+  cfg, m, mem, params, state, h = _module(num_banks=9, top_k=2, product_keys=product_keys)
+  banks, weights, _ = mem.apply(params, h, method=HierarchicalMemory._route)
+  scores = _routing_scores(m, params["params"], h)
+  want = np.argsort(-scores, axis=-1)[..., :2]
+  np.testing.assert_array_equal(np.sort(np.asarray(banks), -1), np.sort(want, -1))
+  top = np.take_along_axis(scores, np.asarray(banks), -1)
+  np.testing.assert_allclose(weights, np.exp(top) / np.exp(top).sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
+def test_deep_read_matches_attention_over_the_chosen_banks():
+  cfg, m, mem, params, state, h = _module(num_banks=6, top_k=2)
+  p = params["params"]
+  banks, weights, _ = mem.apply(params, h, method=HierarchicalMemory._route)
+  deep, _ = mem.apply(params, state["bank_slots"], h, banks, weights, method=HierarchicalMemory._deep_read)
+  R, S = m.num_heads, m.slot_dim
+  E = S // R
+  q = (_np(h) @ _np(p["q_proj"]["kernel"]).reshape(cfg.d_model, -1))
+  wo = _np(p["o_proj"]["kernel"]).reshape(S, cfg.d_model)
+  for b, t in [(0, 0), (1, 5)]:
+    read = np.zeros(S)
+    for j in range(m.top_k):
+      slots = _np(state["bank_slots"][b, int(banks[b, t, j])])                       # [N1, S]
+      slots = slots / np.sqrt((slots**2).mean(-1, keepdims=True) + cfg.norm_eps) * _np(p["slot_scale"])
+      for r in range(R):
+        sl = slice(r * E, (r + 1) * E)
+        s = slots[:, sl] @ q[b, t, sl] / np.sqrt(E)
+        a = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        read[sl] += float(weights[b, t, j]) * (a @ slots[:, sl])
+    np.testing.assert_allclose(deep[b, t], read @ wo, rtol=1e-4, atol=1e-5)
+
+
+def test_write_replaces_the_least_read_slots_of_the_routed_bank():
+  cfg, m, mem, params, state, h = _module(num_banks=3, top_k=1, bank_slots=4, write_tokens=3)
+  p = params["params"]
+  delta, stats = mem.apply(params, state, h, method=HierarchicalMemory.read)
+  new = mem.apply(params, state, h, stats, method=HierarchicalMemory.write)
+  salience = _np(h) @ _np(p["salience"]["kernel"])[:, 0] + float(p["salience"]["bias"][0])
+  first_bank = np.argmax(_routing_scores(m, p, h), axis=-1)
+  mass = m.read_decay * _np(state["bank_read_mass"]) + _np(stats["bank_read_mass"])
+  for b in range(B):
+    want_slots, want_mass = _np(state["bank_slots"][b]).copy(), mass[b].copy()
+    taken = {}
+    for t in np.argsort(-salience[b])[:3]:  # most salient first
+      k = first_bank[b, t]
+      slot = np.argsort(mass[b, k])[taken.get(k, 0)]
+      taken[k] = taken.get(k, 0) + 1
+      u = np.tanh(_np(h[b, t]) @ _np(p["u_proj"]["kernel"]))
+      want_slots[k, slot] = u / (1 + np.exp(-salience[b, t]))
+      want_mass[k, slot] = mass[b, k].mean()
+    np.testing.assert_allclose(new["bank_slots"][b], want_slots, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["bank_read_mass"][b], want_mass, rtol=1e-4, atol=1e-6)
+
+
+def test_skip_threshold_drops_the_deep_read_and_reports_it():
+  cfg, m, mem, params, state, h = _module()
+  general, _ = mem.apply(params, state["general"], h, method=lambda mod, s, x: mod.general.read(s, x))
+  cfg_skip, m_skip, mem_skip, *_ = _module(skip_threshold=0.999)
+  delta, stats = mem_skip.apply(params, state, h, method=HierarchicalMemory.read)
+  np.testing.assert_allclose(delta, general, atol=1e-6)
+  assert float(stats["deep_tokens"].max()) == 0 and float(stats["deep_banks"].max()) == 0
+  _, stats = mem.apply(params, state, h, method=HierarchicalMemory.read)
+  np.testing.assert_allclose(stats["deep_tokens"], 1.0)
+  assert 0 < float(stats["deep_banks"].min()) <= 1
+
+
+def test_balance_loss_is_one_for_uniform_routing_and_larger_when_collapsed():
+  cfg, m, mem, params, state, h = _module(num_banks=6, top_k=1, balance_loss_weight=1.0)
+  uniform = jax.tree.map(lambda x: x, params)
+  uniform["params"]["route_proj"]["kernel"] = jnp.zeros_like(params["params"]["route_proj"]["kernel"])
+  _, stats = mem.apply(uniform, state, h, method=HierarchicalMemory.read)
+  np.testing.assert_allclose(stats["loss_balance"], 1.0, rtol=1e-5)  # P = 1/K everywhere: K * sum f/K = 1
+  collapsed = jax.tree.map(lambda x: x, params)
+  keys = np.zeros(params["params"]["bank_keys"].shape, np.float32)
+  keys[0] = 10.0
+  collapsed["params"]["bank_keys"] = jnp.asarray(keys)
+  collapsed["params"]["route_proj"]["kernel"] = jnp.ones_like(params["params"]["route_proj"]["kernel"])
+  h_pos = jnp.abs(h)
+  _, stats = mem.apply(collapsed, state, h_pos, method=HierarchicalMemory.read)
+  assert float(stats["loss_balance"].min()) > 5.0  # every token on bank 0: K * 1 * P_0 ~ K
+
+
+def test_gradients_reach_every_parameter_and_balance_loss_enters_aux():
+  model, params = build(tiny_config("hierarchical", bptt_segments=3))
+  tokens = random_tokens(0, (2, 3 * 8))
+  w = jax.random.normal(jax.random.key(1), (2, 3 * 8, 64))
+
+  def loss(p):
+    logits, _, aux = model.apply({"params": p}, tokens)
+    return jnp.sum(logits * w) + aux["losses"]["balance"]
+
+  grads = jax.grad(loss)(params)
+  leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]
+            if "'memory'" in jax.tree_util.keystr(k)}
+  assert any("bank_keys" in k for k in leaves) and any("salience" in k for k in leaves)
+  for name, g in leaves.items():
+    assert np.abs(np.asarray(g)).max() > 0, name
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(top_k=7), "model.memory.top_k=7: must be <= num_banks=6"),
+    (dict(write_tokens=9), "model.memory.write_tokens=9: must be <= bank_slots=4"),
+    (dict(product_keys=True), "model.memory.num_banks=6: product keys need a square"),
+    (dict(skip_threshold=1.0), r"model.memory.skip_threshold=1.0: must be in \[0, 1\)"),
+    (dict(general_slots=0), "model.memory.general_slots=0: must be a positive integer"),
+])
+def test_bad_hierarchical_config_is_named(fields, match):
+  with pytest.raises(ConfigError, match=match):
+    ModelConfig.from_config(tiny_config("hierarchical", **{f"memory_{k}": v for k, v in fields.items()}))
