@@ -54,26 +54,38 @@ def test_routing_picks_the_top_k_banks_of_all_scores(product_keys):
   np.testing.assert_allclose(weights, np.exp(top) / np.exp(top).sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
 
 
-def test_deep_read_matches_attention_over_the_chosen_banks():
-  cfg, m, mem, params, state, h = _module(num_banks=6, top_k=2)
+@pytest.mark.parametrize("capacity_factor", [100.0, 0.01], ids=["no_drops", "one_per_bank"])
+def test_deep_read_matches_attention_over_the_chosen_banks(capacity_factor):
+  """Reference: each token attends over the slots of each chosen bank; with a capacity of C = 1 per bank only the
+  first pick of each bank (in token order) is read, later picks of it are dropped."""
+  cfg, m, mem, params, state, h = _module(num_banks=6, top_k=2, capacity_factor=capacity_factor)
   p = params["params"]
   banks, weights, _ = mem.apply(params, h, method=HierarchicalMemory._route)
-  deep, _ = mem.apply(params, state["bank_slots"], h, banks, weights, method=HierarchicalMemory._deep_read)
+  active = jnp.ones((B, L), bool)
+  deep, _, kept = mem.apply(params, state["bank_slots"], h, banks, weights, active,
+                            method=HierarchicalMemory._deep_read)
   R, S = m.num_heads, m.slot_dim
   E = S // R
   q = (_np(h) @ _np(p["q_proj"]["kernel"]).reshape(cfg.d_model, -1))
   wo = _np(p["o_proj"]["kernel"]).reshape(S, cfg.d_model)
-  for b, t in [(0, 0), (1, 5)]:
-    read = np.zeros(S)
-    for j in range(m.top_k):
-      slots = _np(state["bank_slots"][b, int(banks[b, t, j])])                       # [N1, S]
-      slots = slots / np.sqrt((slots**2).mean(-1, keepdims=True) + cfg.norm_eps) * _np(p["slot_scale"])
-      for r in range(R):
-        sl = slice(r * E, (r + 1) * E)
-        s = slots[:, sl] @ q[b, t, sl] / np.sqrt(E)
-        a = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
-        read[sl] += float(weights[b, t, j]) * (a @ slots[:, sl])
-    np.testing.assert_allclose(deep[b, t], read @ wo, rtol=1e-4, atol=1e-5)
+  for b in range(B):
+    seen = set()
+    for t in range(L):
+      read = np.zeros(S)
+      for j in range(m.top_k):
+        bank = int(banks[b, t, j])
+        want_kept = capacity_factor > 1 or bank not in seen
+        seen.add(bank)
+        assert bool(kept[b, t, j]) == want_kept
+        if not want_kept:
+          continue
+        slots = _np(state["bank_slots"][b, bank])                                     # [N1, S]
+        for r in range(R):
+          sl = slice(r * E, (r + 1) * E)
+          sc = slots[:, sl] @ q[b, t, sl] / np.sqrt(E)
+          a = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
+          read[sl] += float(weights[b, t, j]) * (a @ slots[:, sl])
+      np.testing.assert_allclose(deep[b, t], read @ wo, rtol=1e-4, atol=1e-5)
 
 
 def test_write_replaces_the_least_read_slots_of_the_routed_bank():

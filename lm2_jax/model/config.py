@@ -191,4 +191,5 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.skip_threshold = 0.0  # deep-read gate below which a token skips the deep level (0: never)
   m.memory.balance_loss_weight = 0.01
   m.memory.product_keys = False  # route with product keys (num_banks a square): O(sqrt(num_banks)) per token
+  m.memory.capacity_factor = 2.0  # per-bank token capacity per segment, in multiples of the even share
   return m

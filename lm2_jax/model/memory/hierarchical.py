@@ -9,9 +9,10 @@ routing        r_t = h_t Wr; bank scores s_tb = r_t . key_b / sqrt(|r|); token t
                weights w = softmax(top-k scores). With `product_keys`, K = P^2 and key_(i,j) = [key1_i, key2_j]:
                the top-k of the K scores s1_i + s2_j are found among the k x k pairs of each half's top-k, so
                routing costs O(sqrt(K)) per token instead of O(K).
-deep read      per chosen bank, attention of the token's query over that bank's slots (the slots, RMS-normalised,
-               are both keys and values; heads split S), mixed over banks by w:
-                 read_t = sum_b w_tb sum_n softmax_n(q_t . M~_bn / sqrt(E)) M~_bn;   deep_t = read_t Wo
+deep read      per chosen bank, attention of the token's query over that bank's slots (the slots are both keys and
+               values, heads split S; written slots are bounded by tanh, so no normalisation is needed, which
+               keeps a read from touching every slot of every bank), mixed over banks by w:
+                 read_t = sum_b w_tb sum_n softmax_n(q_t . M_bn / sqrt(E)) M_bn;   deep_t = read_t Wo
                and gated in: delta_t = general_t + g_t deep_t, g_t = sigmoid(h_t Wg + bg). Per token the deep
                read touches k * N1 slots, whatever K is: capacity K * N1 grows without growing the read.
 skipping       tokens with g_t < skip_threshold skip the deep read (their deep contribution is dropped; when no
@@ -59,6 +60,7 @@ class HierarchicalMemoryConfig:
   skip_threshold: float       # deep-read gate below which a token skips the deep read (0: never skip)
   balance_loss_weight: float
   product_keys: bool          # route with product keys (num_banks must be a square)
+  capacity_factor: float      # per-bank token capacity, as a multiple of the even share L * top_k / num_banks
 
   @property
   def general(self) -> LM2MemoryConfig:
@@ -89,11 +91,15 @@ class HierarchicalMemoryConfig:
     threshold = v.get("skip_threshold", 0.0)
     check(isinstance(threshold, (int, float)) and 0 <= threshold < 1, f"{f}.skip_threshold", threshold,
           "must be in [0, 1) (0: every token reads the deep level)")
+    factor = v.get("capacity_factor", 2.0)
+    check(isinstance(factor, (int, float)) and factor > 0, f"{f}.capacity_factor", factor,
+          "must be > 0 (2: a bank takes up to twice its even share of a segment's picks)")
     weight = v.get("balance_loss_weight", 0.01)
     check(isinstance(weight, (int, float)) and weight >= 0, f"{f}.balance_loss_weight", weight, "must be >= 0")
     return cls(kind=v["kind"], layers=parse_layers(v["layers"], num_layers), num_heads=general.num_heads,
                slot_dim=general.slot_dim, read_decay=general.read_decay, skip_threshold=float(threshold),
-               balance_loss_weight=float(weight), product_keys=product, **ints)
+               balance_loss_weight=float(weight), product_keys=product,
+               capacity_factor=float(factor), **ints)
 
 
 def _gather_rows(x_BK, idx_BJ):
@@ -134,8 +140,6 @@ class HierarchicalMemory(nn.Module):
     self.deep_gate = dense(1, ("embed", None), "deep_gate", jnp.float32, use_bias=True)
     self.u = dense(m.slot_dim, ("embed", None), "u_proj", dt)
     self.salience = dense(1, ("embed", None), "salience", jnp.float32, use_bias=True)
-    self.slot_scale = self.param("slot_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                                 (m.slot_dim,), jnp.float32)  # RMSNorm scale of the bank slots
 
   def _route(self, h_BLD):
     """-> (banks [B, L, k] int32, weights [B, L, k] summing to 1, mean routing probability per bank [B, K])."""
@@ -160,29 +164,60 @@ class HierarchicalMemory(nn.Module):
       probs_BK = jnp.einsum("blp,blq->bpq", p1, p2).reshape(p1.shape[0], -1) / p1.shape[1]
     return banks_BLk, jax.nn.softmax(top_BLk, axis=-1), probs_BK
 
-  def _deep_read(self, bank_slots_BKNS, h_BLD, banks_BLk, w_BLk, active=None):
-    """-> (deep_BLD, attention per chosen slot [B, L, k, N1]); touches only the k chosen banks per token. With
-    `active` (a bool scalar), the gather and attention run only when it is set (zeros otherwise)."""
+  def _deep_read(self, bank_slots_BKNS, h_BLD, banks_BLk, w_BLk, active_BL):
+    """-> (deep_BLD, attention mass per chosen slot [B, L, k, N1], kept [B, L, k]).
+
+    Tokens are dispatched to the banks they chose, at most C = ceil(capacity_factor * L * k / K) per bank per
+    row (mixture-of-experts style; picks beyond a bank's capacity, in token order, are dropped and reported), and
+    each bank's slots are read by the queries sent to it as one batched attention. Per token this reads k * N1
+    slots whatever K is; each bank's slots are loaded once per segment instead of once per token that chose it.
+    Inactive tokens (skipped) are not dispatched; when none is active the read is not computed at all."""
     m, c = self.cfg.memory, self.cfg
-    e = m.slot_dim // m.num_heads
+    B, L, k = banks_BLk.shape
+    K, N1, R = m.num_banks, m.bank_slots, m.num_heads
+    e = m.slot_dim // R
+    C = max(1, math.ceil(m.capacity_factor * L * k / K))
+    A = L * k
     q_BLRE = self.q(h_BLD)
-    scale_S = self.slot_scale
+
+    # Each pick a = t * k + j gets a cell bank * C + (its rank among the picks of that bank); C*K is "dropped".
+    bank_BA = jnp.where(active_BL[..., None], banks_BLk, K).reshape(B, A)
+
+    def cells(bank_A):
+      order = jnp.argsort(bank_A, stable=True)
+      ranked = bank_A[order]
+      rank = jnp.zeros(A, jnp.int32).at[order].set(jnp.arange(A) - jnp.searchsorted(ranked, ranked, side="left"))
+      kept = (bank_A < K) & (rank < C)
+      cell = jnp.where(kept, bank_A * C + rank, K * C)
+      owner = jnp.full(K * C + 1, A, jnp.int32).at[cell].set(jnp.arange(A, dtype=jnp.int32))[:K * C]
+      return cell, kept, owner
+
+    cell_BA, kept_BA, owner_BQ = jax.vmap(cells)(bank_BA)  # Q = K * C cells
 
     def attend(_):
-      slots_BLkNS = _gather_rows(bank_slots_BKNS, banks_BLk).astype(jnp.float32)
-      slots_BLkNS = slots_BLkNS * jax.lax.rsqrt(jnp.mean(slots_BLkNS**2, axis=-1, keepdims=True) + c.norm_eps)
-      slots_BLkNRE = (slots_BLkNS * scale_S).astype(c.dtype).reshape(*slots_BLkNS.shape[:-1], m.num_heads, e)
-      scores = jnp.einsum("blre,blknre->blrkn", q_BLRE, slots_BLkNRE, preferred_element_type=jnp.float32)
-      p_BLRkN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
-      read_BLRE = jnp.einsum("blrkn,blk,blknre->blre", p_BLRkN.astype(slots_BLkNRE.dtype),
-                             w_BLk.astype(slots_BLkNRE.dtype), slots_BLkNRE)
-      return read_BLRE, p_BLRkN.mean(axis=2) * w_BLk[..., None]
+      q_pad = jnp.concatenate([q_BLRE, jnp.zeros_like(q_BLRE[:, :1])], axis=1)        # token L: an empty cell
+      q_BKCRE = _gather_rows(q_pad, owner_BQ // k).reshape(B, K, C, R, e)
+      slots_BKNRE = bank_slots_BKNS.astype(c.dtype).reshape(B, K, N1, R, e)
+      scores = jnp.einsum("bkcre,bknre->bkrcn", q_BKCRE, slots_BKNRE, preferred_element_type=jnp.float32)
+      p_BKRCN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
+      read_BQRE = jnp.einsum("bkrcn,bknre->bkcre", p_BKRCN.astype(slots_BKNRE.dtype),
+                             slots_BKNRE).reshape(B, K * C, R, e)
+      mass_BQN = p_BKRCN.mean(axis=2).swapaxes(2, 3).reshape(B, K * C, N1)
+      # Back to the picks (a dropped pick reads the zero row K * C), weighted and summed over each token's k.
+      pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+      w_BLk = w_BLk_kept.astype(read_BQRE.dtype)
+      read_BLRE = jnp.einsum("blkre,blk->blre", _gather_rows(pad(read_BQRE), cell_BA).reshape(B, L, k, R, e), w_BLk)
+      return read_BLRE, _gather_rows(pad(mass_BQN), cell_BA).reshape(B, L, k, N1) * w_BLk_kept[..., None]
 
     def skip(_):
-      return jnp.zeros_like(q_BLRE), jnp.zeros((*banks_BLk.shape, m.bank_slots), jnp.float32)
+      return jnp.zeros_like(q_BLRE), jnp.zeros((B, L, k, N1), jnp.float32)
 
-    read_BLRE, mass_BLkN = attend(None) if active is None else jax.lax.cond(active, attend, skip, None)
-    return self.o(read_BLRE), mass_BLkN
+    w_BLk_kept = w_BLk * kept_BA.reshape(B, L, k)
+    if m.skip_threshold > 0:
+      read_BLRE, mass_BLkN = jax.lax.cond(active_BL.any(), attend, skip, None)
+    else:
+      read_BLRE, mass_BLkN = attend(None)
+    return self.o(read_BLRE), mass_BLkN, kept_BA.reshape(B, L, k)
 
   def read(self, state, h_BLD, mask_BL=None):
     m = self.cfg.memory
@@ -192,25 +227,26 @@ class HierarchicalMemory(nn.Module):
     gate_BL = nn.sigmoid(self.deep_gate(h_BLD.astype(jnp.float32))[..., 0])
     active_BL = gate_BL >= m.skip_threshold
     w_tok_BL = jnp.ones((B, L), jnp.float32) if mask_BL is None else mask_BL.astype(jnp.float32)
-    # Progressive activation: with a threshold, no deep read at all when no token of the batch needs one.
-    deep_BLD, slot_mass_BLkN = self._deep_read(state["bank_slots"], h_BLD, banks_BLk, w_BLk,
-                                               active_BL.any() if m.skip_threshold > 0 else None)
+    deep_BLD, slot_mass_BLkN, kept_BLk = self._deep_read(state["bank_slots"], h_BLD, banks_BLk, w_BLk, active_BL)
     delta_BLD = general_BLD + jnp.where(active_BL[..., None], gate_BL[..., None].astype(deep_BLD.dtype) * deep_BLD, 0)
 
-    # Statistics over the tokens of mask_BL that read the deep level.
-    reads_BL = w_tok_BL * active_BL
+    # Statistics over the tokens of mask_BL; the balance loss counts every pick (also dropped ones).
     count_B = jnp.maximum(w_tok_BL.sum(axis=1), 1.0)
+    reads_BLk = (w_tok_BL * active_BL)[..., None] * kept_BLk
     scatter = jax.vmap(lambda idx, x: jnp.zeros((m.num_banks, *x.shape[1:]), x.dtype).at[idx].add(x))
     bank_mass_BKN = scatter(banks_BLk.reshape(B, -1),
-                            (slot_mass_BLkN * reads_BL[..., None, None]).reshape(B, -1, m.bank_slots))
-    picks_BK = scatter(banks_BLk.reshape(B, -1), jnp.broadcast_to(reads_BL[..., None], banks_BLk.shape).reshape(B, -1))
+                            (slot_mass_BLkN * w_tok_BL[..., None, None]).reshape(B, -1, m.bank_slots))
+    picks_BK = scatter(banks_BLk.reshape(B, -1), jnp.broadcast_to(w_tok_BL[..., None], banks_BLk.shape).reshape(B, -1))
     share_BK = picks_BK / (m.top_k * count_B[:, None])
     balance_B = m.num_banks * (share_BK * probs_BK).sum(axis=-1)
+    touched_BK = scatter(banks_BLk.reshape(B, -1), reads_BLk.reshape(B, -1))
     stats = {"general": general_stats,
              "bank_read_mass": jax.lax.stop_gradient(bank_mass_BKN / count_B[:, None, None]),
              "bank_usage": jax.lax.stop_gradient(share_BK),
-             "deep_tokens": jax.lax.stop_gradient(reads_BL.sum(axis=1) / count_B),
-             "deep_banks": jax.lax.stop_gradient((picks_BK > 0).mean(axis=-1)),
+             "deep_tokens": jax.lax.stop_gradient((reads_BLk.max(axis=-1)).sum(axis=1) / count_B),
+             "deep_banks": jax.lax.stop_gradient((touched_BK > 0).mean(axis=-1)),
+             "deep_dropped": jax.lax.stop_gradient(
+                 ((w_tok_BL * active_BL)[..., None] * (1 - kept_BLk)).sum(axis=(1, 2)) / (m.top_k * count_B)),
              "loss_balance": m.balance_loss_weight * balance_B}
     return delta_BLD, stats
 
