@@ -16,8 +16,10 @@ import orbax.checkpoint as ocp
 
 from lm2_jax.model.config import ConfigError
 
-# Config sections whose change makes a checkpoint unusable (shapes or meaning of the saved arrays).
+# Config sections whose change makes a checkpoint unusable (shapes or meaning of the saved arrays), and the
+# fields inside them that only change how the model runs (inference-time knobs), which may differ.
 _COMPATIBLE_REQUIRES = ("model",)
+_RUNTIME_FIELDS = ("model.memory.skip_threshold", "model.memory.capacity_factor")
 
 
 def config_json(config) -> dict[str, Any]:
@@ -47,6 +49,8 @@ class Checkpointer:
     now = config_json(config)
     for section in _COMPATIBLE_REQUIRES:
       for path, old, new in _differences(saved.get(section, {}), now.get(section, {}), section):
+        if path in _RUNTIME_FIELDS:
+          continue
         raise ConfigError(
             f"config.{path}={new!r}: the checkpoint in {self.directory} (step {step}) was written with {old!r}. "
             "Resume with the same model config, or start in a new --workdir.")
