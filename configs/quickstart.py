@@ -19,7 +19,7 @@ def get_config():
   m.segment_len = 32
   m.bptt_segments = 0
   m.memory.kind = "lm2"
-  m.memory.num_slots = 16
+  m.memory.num_slots = 32  # 16 recalled 0.77 after 1500 steps: 6 pairs collide in fewer slots
   m.memory.num_heads = 4
 
   d = config.data

@@ -93,8 +93,9 @@ def test_write_replaces_the_least_read_slots_of_the_routed_bank():
   p = params["params"]
   delta, stats = mem.apply(params, state, h, method=HierarchicalMemory.read)
   new = mem.apply(params, state, h, stats, method=HierarchicalMemory.write)
-  salience = _np(h) @ _np(p["salience"]["kernel"])[:, 0] + float(p["salience"]["bias"][0])
-  first_bank = np.argmax(_routing_scores(m, p, h), axis=-1)
+  x = _np(h) + np.concatenate([np.zeros_like(_np(h)[:, :1]), _np(h)[:, :-1]], axis=1)  # token shift
+  salience = x @ _np(p["salience"]["kernel"])[:, 0] + float(p["salience"]["bias"][0])
+  first_bank = np.argmax(_routing_scores(m, p, x), axis=-1)
   mass = m.read_decay * _np(state["bank_read_mass"]) + _np(stats["bank_read_mass"])
   for b in range(B):
     want_slots, want_mass = _np(state["bank_slots"][b]).copy(), mass[b].copy()
@@ -103,7 +104,7 @@ def test_write_replaces_the_least_read_slots_of_the_routed_bank():
       k = first_bank[b, t]
       slot = np.argsort(mass[b, k])[taken.get(k, 0)]
       taken[k] = taken.get(k, 0) + 1
-      u = np.tanh(_np(h[b, t]) @ _np(p["u_proj"]["kernel"]))
+      u = np.tanh(x[b, t] @ _np(p["u_proj"]["kernel"]))
       want_slots[k, slot] = u / (1 + np.exp(-salience[b, t]))
       want_mass[k, slot] = mass[b, k].mean()
     np.testing.assert_allclose(new["bank_slots"][b], want_slots, rtol=1e-4, atol=1e-5)

@@ -28,13 +28,15 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
   q, k, v, u = (flat(p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj", "u_proj"))
   o = p["o_proj"]["kernel"].reshape(-1, h.shape[-1])
   gate_w, gate_b = p["out_gate"]["kernel"].reshape(-1, h.shape[-1]), p["out_gate"]["bias"]
+  x = h + np.concatenate([np.zeros_like(h[:1]), h[:-1]])              # token shift: x_l = h_l + h_{l-1}
   read, update, mass = [], [], 0
   for r in range(num_heads):
     sl = slice(r * E, (r + 1) * E)
     scores = (h @ q[:, sl]) @ (normed @ k[:, sl]).T / np.sqrt(E)     # [L, N]
     p_read = _softmax(scores, axis=1)
     read.append(p_read @ (normed @ v[:, sl]))                          # [L, E]
-    update.append(_softmax(scores, axis=0).T @ (h @ u[:, sl]))         # [N, E]
+    write_scores = (x @ q[:, sl]) @ (normed @ k[:, sl]).T / np.sqrt(E)
+    update.append(_softmax(write_scores, axis=1).T @ (x @ u[:, sl]))   # [N, E]: each token over the slots
     mass = mass + p_read.mean(0) / num_heads
   e_mem = np.concatenate(read, axis=1)
   delta = _sigmoid(e_mem @ gate_w + gate_b) * (e_mem @ o)

@@ -18,8 +18,9 @@ deep read      per chosen bank, attention of the token's query over that bank's 
 skipping       tokens with g_t < skip_threshold skip the deep read (their deep contribution is dropped; when no
                token of the batch needs it, the deep read is not computed at all). aux reports the fraction of
                tokens and of banks touched.
-write          after the segment: the general level updates with LM2's gates; the m most salient tokens
-               (salience s_t = h_t Ws) each write tanh(h_t Wu) * sigmoid(s_t) into the bank it routes to first,
+write          after the segment: the general level updates with LM2's gates; with x_t = h_t + h_{t-1} (LM2's
+               token shift), the m most salient tokens (salience s_t = x_t Ws) each write
+               tanh(x_t Wu) * sigmoid(s_t) into the bank x_t routes to first,
                replacing that bank's least-read slot (the next least-read for a second token into the same bank).
                A replaced slot's read count restarts at its bank's mean, so a new entry is not the first evicted.
 balance loss   switch-style, K * sum_b f_b P_b (f_b: share of top-k picks, P_b: mean routing probability), added
@@ -42,7 +43,7 @@ import numpy as np
 from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
 from lm2_jax.model.layers import dense
 from lm2_jax.model.memory import parse_layers, register
-from lm2_jax.model.memory.lm2 import LM2Memory, LM2MemoryConfig
+from lm2_jax.model.memory.lm2 import LM2Memory, LM2MemoryConfig, token_shift
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,13 +254,14 @@ class HierarchicalMemory(nn.Module):
   def write(self, state, h_BLD, stats, mask_BL=None):
     m = self.cfg.memory
     general = self.general.write(state["general"], h_BLD, stats["general"], mask_BL)
-    salience_BL = self.salience(h_BLD.astype(jnp.float32))[..., 0]
+    x_BLD = token_shift(h_BLD, mask_BL)  # as LM2's write: a value token carries its key
+    salience_BL = self.salience(x_BLD.astype(jnp.float32))[..., 0]
     if mask_BL is not None:
       salience_BL = jnp.where(mask_BL, salience_BL, jnp.finfo(jnp.float32).min)
     top_Bm, tokens_Bm = jax.lax.top_k(salience_BL, m.write_tokens)
     valid_Bm = jnp.ones_like(top_Bm, bool) if mask_BL is None else _gather_rows(mask_BL, tokens_Bm)
-    content_BmS = jnp.tanh(_gather_rows(self.u(h_BLD), tokens_Bm)).astype(jnp.float32) * nn.sigmoid(top_Bm)[..., None]
-    banks_Bm = _gather_rows(self._route(h_BLD)[0][..., 0], tokens_Bm)
+    content_BmS = jnp.tanh(_gather_rows(self.u(x_BLD), tokens_Bm)).astype(jnp.float32) * nn.sigmoid(top_Bm)[..., None]
+    banks_Bm = _gather_rows(self._route(x_BLD)[0][..., 0], tokens_Bm)
     # The i-th write into a bank replaces its i-th least-read slot.
     mass_BKN = m.read_decay * state["bank_read_mass"] + stats["bank_read_mass"]
     same_Bmm = banks_Bm[:, :, None] == banks_Bm[:, None, :]

@@ -8,15 +8,25 @@ read  (tokens of the current segment read the memory written by earlier segments
     scores = (H Wq)(M~ Wk)^T / sqrt(E)         per head, [B, R, L, N]; M~ = RMSNorm(M), as H is normalised
     E_mem  = softmax_N(scores) (M~ Wv)
     delta  = sigmoid(E_mem Wg + bg) * (E_mem Wo)  the layer adds this beside self-attention
-write (after the segment; each slot attends over the segment's hidden states):
-    U    = softmax_L(scores) (H Wu)               the same query-key affinities, normalised over tokens
-    g_in = sigmoid([M, U] W_in + b_in)            b_in starts at 0
-    g_f  = sigmoid([M, U] W_f + b_f)              b_f starts at +1
-    M'   = g_in * tanh(U) + g_f * M
+write (after the segment; each token writes into the slots it addresses):
+    X_l     = H_l + H_{l-1}                       token shift within the segment (H_{-1} = 0)
+    wscores = (X Wq)(M~ Wk)^T / sqrt(E)           the read's projections, applied to X
+    U       = softmax_N(wscores)^T (X Wu)         [B, N, S]: a sum over tokens, not a mean
+    g_in    = sigmoid([M, U] W_in + b_in)         b_in starts at 0
+    g_f     = sigmoid([M, U] W_f + b_f)           b_f starts at +1
+    M'      = g_in * tanh(U) + g_f * M
 
-Reusing the read affinities for the write makes the memory content-addressed in both directions: a slot is
-updated by the tokens that would read it. The official code's input gate mean-pools the whole sequence, which
-lets every position see the future; here a token only ever reads memory written by earlier segments.
+A token writes where it would read: its write distribution is a softmax over slots, like the read's, so the
+memory is content-addressed in both directions. A slot no token addresses gets U ~ 0 and only decays by g_f; a
+slot one token addresses takes that token alone. Normalising over tokens instead (each slot a softmax-weighted
+mean of the segment) forces every slot to take a blend of the whole segment at every write; with it the
+quickstart model learnt which values a sample held but not which key each belonged to (recall ~1/3). The
+token shift lets a token's write carry the token before it (a key with its value) even in the first layer,
+whose input knows nothing of its neighbours.
+
+The official code's input gate mean-pools the whole sequence, which lets every position see the future; here a
+token only ever reads memory written by earlier segments (the write may look at the whole segment: it is read
+only by later ones).
 """
 
 from __future__ import annotations
@@ -83,6 +93,15 @@ def _pin(x, dims: str):
   return nn.with_logical_constraint(x, tuple(_AXES[c] for c in dims))
 
 
+def token_shift(h_BLD, mask_BL=None):
+  """x_l = h_l + h_{l-1} (h_{-1} = 0), without reaching across the mask: the token before a masked run's first
+  token (another document's) adds nothing."""
+  prev_BLD = jnp.pad(h_BLD[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  if mask_BL is not None:
+    prev_BLD = prev_BLD * jnp.pad(mask_BL[:, :-1], ((0, 0), (1, 0)))[..., None].astype(prev_BLD.dtype)
+  return h_BLD + prev_BLD
+
+
 @register("lm2")
 class LM2Memory(nn.Module):
   cfg: ModelConfig
@@ -115,7 +134,7 @@ class LM2Memory(nn.Module):
                              bias_init=nn.initializers.ones)
 
   def _scores(self, slots_BNS, h_BLD):
-    """Query-key affinities [B, R, L, N] in float32, shared by read and write."""
+    """Query-key affinities [B, R, L, N] in float32, with the same projections for read and write."""
     q_BLRE = _pin(self.q(h_BLD), "blre")
     k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
     scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
@@ -138,13 +157,14 @@ class LM2Memory(nn.Module):
     return _pin(delta_BLD, "bld"), {"read_mass": jax.lax.stop_gradient(mass_BN)}
 
   def write(self, state, h_BLD, stats, mask_BL=None):
-    """-> the new state; only the tokens of `mask_BL` (all when None; at least one per row) are written."""
+    """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches
+    across the mask (the token before a document's first one belongs to another document)."""
     slots_BNS = state["slots"]
-    scores_BRLN = self._scores(slots_BNS, h_BLD)
+    x_BLD = token_shift(h_BLD, mask_BL)
+    p_BRLN = jax.nn.softmax(self._scores(slots_BNS, x_BLD), axis=-1)  # each token addresses the slots
     if mask_BL is not None:
-      scores_BRLN = jnp.where(mask_BL[:, None, :, None], scores_BRLN, jnp.finfo(jnp.float32).min)
-    p_BRLN = jax.nn.softmax(scores_BRLN, axis=2)  # each slot attends over the segment
-    u_BLRE = _pin(self.u(h_BLD), "blre")
+      p_BRLN = p_BRLN * mask_BL[:, None, :, None].astype(p_BRLN.dtype)
+    u_BLRE = _pin(self.u(x_BLD), "blre")
     u_BNRE = jnp.einsum("brln,blre->bnre", p_BRLN.astype(u_BLRE.dtype), u_BLRE, preferred_element_type=jnp.float32)
     u_BNS = _pin(u_BNRE.reshape(*u_BNRE.shape[:2], -1), "bns")
     mu_BN2S = jnp.concatenate([slots_BNS, u_BNS], axis=-1)
