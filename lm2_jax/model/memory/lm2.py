@@ -160,7 +160,7 @@ class LM2Memory(nn.Module):
     """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches
     across the mask (the token before a document's first one belongs to another document)."""
     slots_BNS = state["slots"]
-    x_BLD = token_shift(h_BLD, mask_BL)
+    x_BLD = _pin(token_shift(h_BLD, mask_BL), "bld")
     p_BRLN = jax.nn.softmax(self._scores(slots_BNS, x_BLD), axis=-1)  # each token addresses the slots
     if mask_BL is not None:
       p_BRLN = p_BRLN * mask_BL[:, None, :, None].astype(p_BRLN.dtype)
