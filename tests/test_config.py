@@ -58,3 +58,11 @@ def test_length_not_a_multiple_of_segment_len():
 def test_fields_of_other_memory_kinds_are_allowed():
   """Switching kind on the command line leaves the other kind's fields in place; 'none' ignores them."""
   assert count_params(LM2Model(tiny_config("none", memory_num_slots=99)))["memory"] == 0
+
+
+def test_rmt_memory_is_model_level():
+  with pytest.raises(ConfigError, match=r"model.memory.layers='0': memory kind 'rmt' is model-level.*layers='all'"):
+    LM2Model(tiny_config("rmt", memory_layers="0"))
+  cfg = LM2Model(tiny_config("rmt")).config
+  assert cfg.memory_layers == () and cfg.memory.num_slots == 6
+  assert count_params(LM2Model(tiny_config("rmt")))["memory"] == 6 * 32 + 32  # initial memory, write norm

@@ -11,7 +11,7 @@ from lm2_jax.model import LM2Model, count_params, scan_layout, unscan_layout
 SEG = 8  # tiny_config's segment_len
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt"])
 @pytest.mark.parametrize("t", [3, SEG, 2 * SEG + 5], ids=["in_first_segment", "segment_boundary", "later_segment"])
 def test_causal(kind, t):
   model, params = build(tiny_config(kind))
@@ -26,7 +26,7 @@ def test_causal(kind, t):
 def test_memory_carries_information_across_segments():
   tokens = random_tokens(0, (2, 2 * SEG))
   changed = tokens.at[:, :SEG].set(random_tokens(1, (2, SEG)))
-  for kind, expect_change in [("lm2", True), ("hierarchical", True), ("none", False)]:
+  for kind, expect_change in [("lm2", True), ("hierarchical", True), ("rmt", True), ("none", False)]:
     model, params = build(tiny_config(kind))
     f = logits_fn(model, params)
     diff = np.abs(np.asarray(f(tokens))[:, SEG:] - np.asarray(f(changed))[:, SEG:]).max()
@@ -58,9 +58,9 @@ def test_gradients_reach_every_memory_parameter():
     assert np.abs(np.asarray(g)).max() > 0, name
 
 
-def _segment_embedding_grads(bptt):
+def _segment_embedding_grads(kind, bptt):
   """|d loss(segment 3) / d embedding rows| of the tokens of each segment (disjoint vocabularies)."""
-  model, params = build(tiny_config("lm2", bptt_segments=bptt))
+  model, params = build(tiny_config(kind, bptt_segments=bptt))
   tokens = (jnp.arange(4)[:, None] * 16 + random_tokens(0, (4, SEG), vocab=16)).reshape(1, 4 * SEG)
   w = jax.random.normal(jax.random.key(1), (1, SEG, 64))
   loss = lambda p: jnp.sum(model.apply({"params": p}, tokens)[0][:, 3 * SEG:] * w)
@@ -68,29 +68,30 @@ def _segment_embedding_grads(bptt):
   return [np.abs(g[16 * s:16 * (s + 1)]).max() for s in range(4)], model, params, tokens
 
 
-def test_gradients_stop_beyond_bptt_segments():
+@pytest.mark.parametrize("kind", ["lm2", "rmt"])
+def test_gradients_stop_beyond_bptt_segments(kind):
   # bptt_segments=2 cuts the memory entering segments 0 and 2: the loss of segment 3 reaches segment 2's tokens
   # through the memory, never segments 0 and 1 (though its value still depends on them).
-  g, model, params, tokens = _segment_embedding_grads(bptt=2)
+  g, model, params, tokens = _segment_embedding_grads(kind, bptt=2)
   assert g[3] > 0 and g[2] > 0
   assert g[0] == 0 and g[1] == 0
   f = logits_fn(model, params)
   changed = tokens.at[:, :SEG].set((tokens[:, :SEG] + 1) % 16)
   assert np.abs(np.asarray(f(tokens))[:, 3 * SEG:] - np.asarray(f(changed))[:, 3 * SEG:]).max() > 1e-4
   # bptt_segments=0: the gradient flows through the whole input.
-  g_full, *_ = _segment_embedding_grads(bptt=0)
+  g_full, *_ = _segment_embedding_grads(kind, bptt=0)
   assert min(g_full) > 0
 
 
-@pytest.mark.parametrize("layers", ["all", "1,2"])
-def test_scan_layers_matches_unscanned(layers):
-  scanned_cfg = tiny_config("lm2", num_layers=4, memory_layers=layers, scan_layers=True, bptt_segments=2)
-  loop_cfg = tiny_config("lm2", num_layers=4, memory_layers=layers, scan_layers=False, bptt_segments=2,
+@pytest.mark.parametrize("kind,layers", [("lm2", "all"), ("lm2", "1,2"), ("rmt", "all")])
+def test_scan_layers_matches_unscanned(kind, layers):
+  scanned_cfg = tiny_config(kind, num_layers=4, memory_layers=layers, scan_layers=True, bptt_segments=2)
+  loop_cfg = tiny_config(kind, num_layers=4, memory_layers=layers, scan_layers=False, bptt_segments=2,
                          remat_policy="full")
   scanned, p_scan = build(scanned_cfg)
   loop = LM2Model(loop_cfg)
   p_loop = unscan_layout(p_scan, scanned.config)
-  assert set(p_loop["decoder"]) == {f"layer_{i}" for i in range(4)}
+  assert set(p_loop["decoder"]) - {"memory"} == {f"layer_{i}" for i in range(4)}  # rmt: decoder/memory
   tokens = random_tokens(0, (2, 3 * SEG))
   w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
 
@@ -145,7 +146,7 @@ def test_count_params_splits_memory():
   assert count_params(LM2Model(tiny_config("none")))["total"] == counts["decoder"]
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt"])
 def test_documents_do_not_see_each_other(kind):
   """Two documents packed in one row (the second starts mid-segment): changing either one leaves the other's
   logits exactly as they were, through attention and through the memory."""
@@ -164,7 +165,7 @@ def test_documents_do_not_see_each_other(kind):
                 - np.asarray(f(tokens, jnp.ones_like(ids)))[:, start:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt"])
 def test_document_starting_at_a_segment_is_computed_as_if_alone(kind):
   """A document that starts at a segment boundary reads a fresh memory, exactly as if the row held it alone;
   one-document rows give the logits of a call without segment_ids."""
@@ -185,3 +186,47 @@ def test_reset_memory_replaces_only_the_flagged_rows():
   for name in memory:
     np.testing.assert_array_equal(reset[name][:, 1], fresh[name][:, 1])
     np.testing.assert_array_equal(reset[name][:, 0::2], memory[name][:, 0::2])
+
+
+@pytest.mark.parametrize("kind", ["lm2", "rmt"])
+def test_memory_passed_between_calls_continues_the_stream(kind):
+  """Two calls that pass the memory on give the logits and the memory of one call over both inputs."""
+  model, params = build(tiny_config(kind))
+  tokens = random_tokens(0, (2, 3 * SEG))
+  whole, whole_mem, _ = model.apply({"params": params}, tokens)
+  first, mem, _ = model.apply({"params": params}, tokens[:, :2 * SEG])
+  second, second_mem, _ = model.apply({"params": params}, tokens[:, 2 * SEG:], mem)
+  np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), second_mem, whole_mem)
+
+
+def test_rmt_memory_tokens():
+  """rmt: the state is [B, M, D] memory tokens, zeros when fresh, which the model reads as its learned initial
+  memory; the written memory is the normalised output at the write positions; reset clears flagged rows."""
+  model, params = build(tiny_config("rmt"))
+  mem = model.init_memory(3)
+  assert jax.tree.map(jnp.shape, mem) == {"tokens": (3, 6, 32)} and not np.asarray(mem["tokens"]).any()
+  assert model.memory_axes() == {"tokens": ("batch", "mem_slots", "embed")}
+  assert params["decoder"]["memory"]["initial"].shape == (6, 32)
+  tokens = random_tokens(0, (3, 2 * SEG))
+  logits, new_mem, aux = model.apply({"params": params}, tokens, mem)
+  assert aux == {"memory_stats": {}, "losses": {}}
+  rms = np.sqrt((np.asarray(new_mem["tokens"]) ** 2).mean(-1))
+  np.testing.assert_allclose(rms, 1.0, atol=1e-3)  # RMSNorm with its initial scale of ones
+  # A fresh memory is the learned initial memory: changing it changes the first segment's logits.
+  moved = jax.tree.map(lambda a: a, params)
+  moved["decoder"]["memory"]["initial"] = params["decoder"]["memory"]["initial"] + 0.1
+  assert np.abs(np.asarray(model.apply({"params": moved}, tokens, mem)[0])[:, :SEG] - logits[:, :SEG]).max() > 1e-4
+  reset = model.reset_memory(new_mem, jnp.array([False, True, False]))
+  assert not np.asarray(reset["tokens"][1]).any()
+  np.testing.assert_array_equal(reset["tokens"][0::2], new_mem["tokens"][0::2])
+
+
+def test_rmt_gradients_reach_its_parameters():
+  model, params = build(tiny_config("rmt", bptt_segments=2))
+  tokens = random_tokens(0, (2, 3 * SEG))
+  w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)
+  for name, g in _memory_leaves(grads).items():  # the initial memory and the write norm's scale
+    assert np.abs(np.asarray(g)).max() > 0, name
+  assert len(_memory_leaves(grads)) == 2

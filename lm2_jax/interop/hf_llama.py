@@ -128,7 +128,7 @@ def load(path: str, model_config: Any = None, *, rng: jax.Array | None = None):
     fields.pop("segment_len")
   config.update(fields)
   cfg = ModelConfig.from_config(config)
-  if cfg.memory_layers:
+  if cfg.memory.kind != "none":
     # Exactly what init_params gives this config, so the memory parameters are a fresh initialisation; the Llama
     # tensors are overwritten below, in the per-layer layout.
     params = init_params(LM2Model(cfg), rng if rng is not None else jax.random.key(0))
@@ -193,9 +193,9 @@ def save(params, model_config: Any, path: str, *, dtype: str = "float32") -> Non
   np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
   if cfg.scan_layers:
     params = unscan_layout(params, cfg)
-  if cfg.memory_layers:
-    logging.warning("hf_llama.save: the memory parameters of layers %s are not part of a Llama checkpoint and "
-                    "are not saved", list(cfg.memory_layers))
+  if cfg.memory.kind != "none":
+    logging.warning("hf_llama.save: the parameters of memory kind %r (layers %s) are not part of a Llama "
+                    "checkpoint and are not saved", cfg.memory.kind, list(cfg.memory_layers) or "all")
   tensors = {}
   for name, (our_path, n_in) in _name_map(cfg).items():
     node = params

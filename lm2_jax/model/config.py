@@ -86,7 +86,8 @@ class ModelConfig:
 
   @property
   def memory_layers(self) -> tuple[int, ...]:
-    """Indices of the decoder layers that carry memory, ascending."""
+    """Indices of the decoder layers that carry a per-layer memory, ascending; () for 'none' and for the
+    model-level kind 'rmt', whose memory tokens pass through every layer."""
     return self.memory.layers
 
   def num_segments(self, seq_len: int) -> int:
@@ -176,9 +177,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.remat_policy = "none"      # none | full | dots | dots_with_no_batch_dims
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical
-  m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python)
-  m.memory.num_slots = 64
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder)
+  m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
+  m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
   m.memory.slot_dim = 0        # 0: d_model
   m.memory.read_decay = 0.99   # per-segment decay of the read statistics kept in the memory state

@@ -18,6 +18,11 @@ memory, `reset_memory`, for rows that start a new document). Tokens of that docu
 document that starts inside the segment read a fresh memory instead. After the segment, the memory is written
 from the tokens of the segment's last document only, starting from a fresh memory if that document is new.
 
+A model-level memory kind (`rmt`: memory tokens) is not placed in layers: the layers run on the segment with
+its memory tokens around it (`[read ; segment ; write]`, lm2_jax.model.memory.rmt), whose outputs at the write
+positions are the next memory. The document rules are the same, except that a document starting inside a
+segment (not its first) reads no memory there (the memory tokens are the first document's).
+
 Layers: consecutive layers of the same kind (with or without memory) form a group; with `scan_layers` each group
 is one `nn.scan` over a stacked `layers` axis (params `decoder/layers_{start}_{stop}`), otherwise each layer
 has its own params (`decoder/layer_{i}`). `lm2_jax.model.layout` converts between the two.
@@ -144,11 +149,21 @@ def _concat(trees):
 
 
 def memory_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-  """Logical axis names of each memory array: ('layers', *the kind's state axes)."""
-  if not cfg.memory_layers:
+  """Logical axis names of each memory array: ('layers', *the kind's state axes), or the kind's state axes for a
+  model-level kind."""
+  if cfg.memory.kind == "none":
     return {}
   axes = memory_lib.module_class(cfg.memory).state_axes(cfg.memory)
+  if memory_lib.is_model_level(cfg.memory):
+    return axes
   return jax.tree.map(lambda a: ("layers", *a), axes, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def positions(cfg: ModelConfig, L: int) -> jax.Array:
+  """Rotary positions of what the layers process for a segment of L tokens (with a model-level memory's tokens)."""
+  if memory_lib.is_model_level(cfg.memory):
+    return memory_lib.module_class(cfg.memory).positions(cfg.memory, L)
+  return jnp.arange(L)
 
 
 def _pin_memory(memory, cfg: ModelConfig):
@@ -159,11 +174,12 @@ class SegmentDecoder(nn.Module):
   """All decoder layers on one segment.
 
   (memory, segment index, memory's document [B]), (x_BLD, ids_BL) -> (memory', index + 1, document'),
-  (y_BLD, stats). `ids_BL` is None when the rows are single documents."""
+  (y_BLD, stats). `ids_BL` is None when the rows are single documents. `cos_XE`, `sin_XE`: rotary tables of the
+  positions the layers process (`positions`)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, inputs, cos_LE, sin_LE):
+  def __call__(self, carry, inputs, cos_XE, sin_XE):
     c = self.cfg
     memory, seg, mem_doc_B = carry
     x_BLD, ids_BL = inputs
@@ -172,6 +188,17 @@ class SegmentDecoder(nn.Module):
     # The carried memory keeps its logical sharding through every segment (batch over data x fsdp).
     memory = _pin_memory(memory, c)
     memory = jax.tree.map(lambda m: jnp.where(cut, jax.lax.stop_gradient(m), m), memory)
+    if memory_lib.is_model_level(c.memory):
+      y_BLD, new_memory = self._with_memory_tokens(memory, x_BLD, ids_BL, mem_doc_B, docs, cos_XE, sin_XE)
+      stats = {}
+    else:
+      y_BLD, new_memory, stats = self._layers(x_BLD, memory, cos_XE, sin_XE, docs)
+    next_doc_B = mem_doc_B if ids_BL is None else ids_BL[:, -1]
+    return (_pin_memory(new_memory, c), seg + 1, next_doc_B), (y_BLD, stats)
+
+  def _layers(self, x_BLD, memory, cos_LE, sin_LE, docs):
+    """The layer groups on x_BLD -> (y_BLD, new per-layer memory, per-layer read statistics)."""
+    c = self.cfg
     new_memory, stats = [], []
     for g in layer_groups(c):
       states = _take(memory, g.mem_start, g.mem_start + g.size) if g.has_memory else None
@@ -192,8 +219,25 @@ class SegmentDecoder(nn.Module):
       if g.has_memory:
         new_memory.append(g_states)
         stats.append(g_stats)
-    next_doc_B = mem_doc_B if ids_BL is None else ids_BL[:, -1]
-    return (_pin_memory(_concat(new_memory), c), seg + 1, next_doc_B), (x_BLD, _concat(stats))
+    return x_BLD, _concat(new_memory), _concat(stats)
+
+  def _with_memory_tokens(self, memory, x_BLD, ids_BL, mem_doc_B, docs, cos_XE, sin_XE):
+    """Model-level memory: the layers run on [read ; segment ; write] -> (y_BLD, new memory).
+
+    With documents, the read tokens belong to the segment's first document and the write tokens to its last:
+    each holds the carried memory where its document owns it (`docs`), a fresh one where the document is new;
+    attention then follows the document ids of all X positions."""
+    c = self.cfg
+    kind = memory_lib.module_class(c.memory)
+    read, write = memory, memory
+    if docs is not None:
+      fresh = kind.init_state(c.memory, x_BLD.shape[0])
+      read = select_rows(~docs["read_BL"][:, 0], fresh, memory)  # the first document is not the memory's
+      write = select_rows(docs["reset_B"], fresh, memory)
+      docs = document_masks(kind.extended_ids(c.memory, ids_BL), mem_doc_B)
+    tokens = kind(c, name="memory")
+    y_BXD, _, _ = self._layers(tokens.wrap(read, write, x_BLD), {}, cos_XE, sin_XE, docs)
+    return tokens.unwrap(y_BXD)
 
 
 class LM2Model(nn.Module):
@@ -209,11 +253,15 @@ class LM2Model(nn.Module):
     super().__post_init__()
 
   def init_memory(self, batch_size: int) -> dict[str, jax.Array]:
-    """A fresh memory state: arrays [num_memory_layers, batch_size, ...]; {} for memory kind 'none'."""
+    """A fresh memory state: arrays [num_memory_layers, batch_size, ...] ([batch_size, ...] for a model-level
+    kind: rmt's {'tokens': zeros [batch_size, num_slots, d_model]}, which the model reads as its learned initial
+    memory); {} for memory kind 'none'."""
     c = self.config
-    if not c.memory_layers:
+    if c.memory.kind == "none":
       return {}
     state = memory_lib.module_class(c.memory).init_state(c.memory, batch_size)
+    if memory_lib.is_model_level(c.memory):
+      return state
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (len(c.memory_layers), *a.shape)), state)
 
   def memory_axes(self) -> dict[str, tuple[str, ...]]:
@@ -222,9 +270,11 @@ class LM2Model(nn.Module):
 
   def reset_memory(self, memory, rows_B):
     """The memory with the rows where `rows_B` (bool [B]) is set replaced by a fresh memory."""
-    if not self.config.memory_layers:
+    c = self.config
+    if c.memory.kind == "none":
       return memory
-    return select_rows(rows_B, self.init_memory(rows_B.shape[0]), memory, batch_axis=1)
+    batch_axis = 0 if memory_lib.is_model_level(c.memory) else 1
+    return select_rows(rows_B, self.init_memory(rows_B.shape[0]), memory, batch_axis=batch_axis)
 
   def _check_inputs(self, tokens_BT, memory, segment_ids_BT):
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
@@ -249,8 +299,9 @@ class LM2Model(nn.Module):
     within a document (module docstring).
 
     aux["memory_stats"]: the memory kind's read statistics averaged over segments (lm2: `read_mass`
-    [num_memory_layers, B, num_slots]); aux["losses"]: the kind's auxiliary losses (scalars, may be empty): a kind
-    returns them among its read statistics as `loss_<name>` [B], already weighted; they are averaged here.
+    [num_memory_layers, B, num_slots]; rmt: none); aux["losses"]: the kind's auxiliary losses (scalars, may be
+    empty): a kind returns them among its read statistics as `loss_<name>` [B], already weighted; they are
+    averaged here.
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -268,12 +319,12 @@ class LM2Model(nn.Module):
     ids_BT = None if segment_ids is None else segment_ids.astype(jnp.int32)
     ids_SBL = None if ids_BT is None else ids_BT.reshape(B, S, L).swapaxes(0, 1)
     mem_doc_B = jnp.zeros((B,), jnp.int32) if ids_BT is None else ids_BT[:, 0]
-    cos_LE, sin_LE = rope_tables(c, jnp.arange(L))
+    cos_XE, sin_XE = rope_tables(c, positions(c, L))
 
     segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False},
                        in_axes=(0, nn.broadcast, nn.broadcast), length=S)
     (memory, _, _), (y_SBLD, stats) = segments(c, name="decoder")(
-        (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL), cos_LE, sin_LE)
+        (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL), cos_XE, sin_XE)
 
     y_BTD = y_SBLD.swapaxes(0, 1).reshape(B, T, c.d_model)
     y_BTD = RMSNorm(c.norm_eps, c.dtype, name="final_norm")(y_BTD)

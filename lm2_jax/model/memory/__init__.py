@@ -17,6 +17,14 @@ A memory kind is a Linen module registered here under its name. It has
 The decoder keeps documents apart (lm2_jax.model.decoder): it selects per token between a read of the carried
 and of a fresh state, and per row between writing into the carried or a fresh state.
 
+A model-level kind (class attribute `model_level = True`: 'rmt') is not placed in layers but wraps the whole
+layer stack; its state has no layer axis and its config's `layers` is (). Besides init_state and state_axes:
+
+  positions(mcfg, L)          static: rotary positions [X] of the sequence the layers process
+  extended_ids(mcfg, ids_BL)  static: document ids [B, X] of that sequence
+  wrap(read_state, write_state, x_BLD) -> x_BXD: the segment with the memory around it
+  unwrap(y_BXD)               -> (y_BLD, state): the segment's outputs and the new state
+
 Adding a kind is one new file here that defines the module and decorates it with `@register("name")`, plus one
 import line at the bottom of this file.
 """
@@ -84,5 +92,11 @@ def module_class(mcfg) -> type:
   return KINDS[mcfg.kind]
 
 
+def is_model_level(mcfg) -> bool:
+  """Whether the memory kind wraps the whole layer stack (e.g. 'rmt') instead of living in layers."""
+  return mcfg.kind in KINDS and getattr(KINDS[mcfg.kind], "model_level", False)
+
+
 from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')
 from lm2_jax.model.memory import hierarchical  # noqa: E402,F401  (registers 'hierarchical')
+from lm2_jax.model.memory import rmt  # noqa: E402,F401  (registers 'rmt')
