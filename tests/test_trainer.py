@@ -113,6 +113,11 @@ def test_incompatible_checkpoint_is_refused_and_left_alone(tmp_path):
   with pytest.raises(ConfigError, match=r"config.model.d_model=48: the checkpoint .* was written with 32"):
     trainer.train(other, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  # Inference-time knobs may differ: the checkpoint restores under a config that only changes them.
+  knobs = small_config(steps=2)
+  knobs.model.memory.update(dict(skip_threshold=0.5, capacity_factor=1.0))
+  _, _, restored = trainer.restore(str(tmp_path), knobs)
+  assert int(restored.step) == 2
 
 
 def test_token_ids_out_of_range_are_refused(tmp_path):
