@@ -68,12 +68,12 @@ def packed_config(tmp_path, steps):
   return config
 
 
-@pytest.mark.parametrize("data", ["recall_fresh", "recall_continuing", "packed_documents"])
+@pytest.mark.parametrize("data", ["recall_fresh", "packed_documents"])
 def test_resume_equals_uninterrupted(tmp_path, data):
+  """Fresh memory per batch (recall), and memory carried between batches of packed document streams."""
   k = 2
-  continuing = data != "recall_fresh"
-  make = (lambda steps: packed_config(tmp_path, steps)) if data == "packed_documents" else (
-      lambda steps: small_config(steps=steps, continuing=continuing))
+  continuing = data == "packed_documents"
+  make = (lambda steps: packed_config(tmp_path, steps)) if continuing else (lambda steps: small_config(steps=steps))
   full = make(2 * k)
   uninterrupted = trainer.train(full, str(tmp_path / "a"))
 
