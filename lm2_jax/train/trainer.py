@@ -93,6 +93,16 @@ def init_state(setup: Setup) -> TrainState:
     return jax.jit(create, out_shardings=setup.state_shardings)()
 
 
+def _carried_memory(model, memory, batch):
+  """The memory a batch continues: fresh in rows that start a document (`new_document`, from packed sources)."""
+  return model.reset_memory(memory, batch["new_document"]) if "new_document" in batch else memory
+
+
+def _abstract_state(setup: Setup):
+  """Shapes and dtypes of a TrainState (no arrays allocated): the template checkpoints restore into."""
+  return jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, jax.random.key(0))))
+
+
 def _loss_fn(model, params, batch, memory):
   logits, new_memory, aux = model.apply({"params": params}, batch["tokens"], memory,
                                         segment_ids=batch.get("segment_ids"))
@@ -104,15 +114,15 @@ def _loss_fn(model, params, batch, memory):
 def _memory_metrics(aux) -> dict[str, jax.Array]:
   """How the memory was read: entropy of the read mass over slots (nats; log N = uniform) and the top slot's
   share (of the general level for hierarchical memory), averaged over memory layers and batch; for
-  hierarchical memory also the share of tokens that read the deep level, of banks touched, the busiest bank's
-  share of picks, and the auxiliary losses."""
+  hierarchical memory also the share of tokens that read the deep level, of banks touched, of picks dropped
+  over a bank's capacity, the busiest bank's share of picks, and the auxiliary losses."""
   stats = aux["memory_stats"]
   out = {f"memory/loss_{k}": v for k, v in aux["losses"].items()}
   mass = stats.get("read_mass", stats.get("general", {}).get("read_mass"))
   if mass is not None:
     out["memory/read_entropy"] = -(mass * jnp.log(mass + 1e-9)).sum(-1).mean()
     out["memory/read_max"] = mass.max(-1).mean()
-  for name in ("deep_tokens", "deep_banks"):
+  for name in ("deep_tokens", "deep_banks", "deep_dropped"):
     if name in stats:
       out[f"memory/{name}"] = stats[name].mean()
   if "bank_usage" in stats:
@@ -126,12 +136,7 @@ def make_train_step(setup: Setup):
   continuing = config.data.continuing_stream
 
   def step_fn(state: TrainState, batch):
-    if continuing:
-      memory = state.memory
-      if "new_document" in batch:
-        memory = model.reset_memory(memory, batch["new_document"])
-    else:
-      memory = model.init_memory(setup.batch_size)
+    memory = _carried_memory(model, state.memory, batch) if continuing else model.init_memory(setup.batch_size)
     grads, (loss, accuracy, new_memory, aux) = jax.grad(
         lambda p: _loss_fn(model, p, batch, memory), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -154,9 +159,7 @@ def make_eval_step(setup: Setup):
   model = setup.model
 
   def eval_fn(params, batch, memory):
-    if "new_document" in batch:
-      memory = model.reset_memory(memory, batch["new_document"])
-    _, (loss, accuracy, new_memory, aux) = _loss_fn(model, params, batch, memory)
+    _, (loss, accuracy, new_memory, aux) = _loss_fn(model, params, batch, _carried_memory(model, memory, batch))
     return {"loss": loss, "accuracy": accuracy, **_memory_metrics(aux)}, new_memory
 
   return jax.jit(eval_fn)
@@ -176,8 +179,7 @@ def restore(workdir: str, config=None, step: int | None = None):
     else:
       ckpt.check_compatible(step, config)
     setup = build(config)
-    template = jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, config, jax.random.key(0))))
-    state, _ = ckpt.restore(step, template, setup.state_shardings)
+    state, _ = ckpt.restore(step, _abstract_state(setup), setup.state_shardings)
   finally:
     ckpt.close()
   return config, setup, state
@@ -266,8 +268,7 @@ def train(config, workdir: str, data=None) -> TrainState:
     state = init_state(setup)
   else:
     ckpt.check_compatible(start, config)
-    template = jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, config, jax.random.key(0))))
-    state, data_state = ckpt.restore(start, template, setup.state_shardings)
+    state, data_state = ckpt.restore(start, _abstract_state(setup), setup.state_shardings)
     data.set_state(data_state)
   start = int(start or 0)
 

@@ -8,10 +8,11 @@ general level  an LM2 memory of N0 slots (lm2_jax.model.memory.lm2): read by eve
 routing        r_t = h_t Wr; bank scores s_tb = r_t . key_b / sqrt(|r|); token t reads its top-k banks with
                weights w = softmax(top-k scores). With `product_keys`, K = P^2 and key_(i,j) = [key1_i, key2_j]:
                the top-k of the K scores s1_i + s2_j are found among the k x k pairs of each half's top-k, so
-               routing costs O(sqrt(K)) per token instead of O(K).
+               choosing banks costs O(sqrt(K)) per token instead of O(K) (the balance loss's mean routing
+               probability per bank is still O(K) per token, as a product of the halves' softmaxes).
 deep read      per chosen bank, attention of the token's query over that bank's slots (the slots are both keys and
-               values, heads split S; written slots are bounded by tanh, so no normalisation is needed, which
-               keeps a read from touching every slot of every bank), mixed over banks by w:
+               values, heads split S; written slots are bounded by tanh, so they are not normalised), mixed over
+               banks by w:
                  read_t = sum_b w_tb sum_n softmax_n(q_t . M_bn / sqrt(E)) M_bn;   deep_t = read_t Wo
                and gated in: delta_t = general_t + g_t deep_t, g_t = sigmoid(h_t Wg + bg). Per token the deep
                read touches k * N1 slots, whatever K is: capacity K * N1 grows without growing the read.
@@ -195,9 +196,11 @@ class HierarchicalMemory(nn.Module):
 
     cell_BA, kept_BA, owner_BQ = jax.vmap(cells)(bank_BA)  # Q = K * C cells
 
+    w_BLk_kept = w_BLk * kept_BA.reshape(B, L, k)
+    pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # one zero row past the end
+
     def attend(_):
-      q_pad = jnp.concatenate([q_BLRE, jnp.zeros_like(q_BLRE[:, :1])], axis=1)        # token L: an empty cell
-      q_BKCRE = _gather_rows(q_pad, owner_BQ // k).reshape(B, K, C, R, e)
+      q_BKCRE = _gather_rows(pad(q_BLRE), owner_BQ // k).reshape(B, K, C, R, e)  # empty cells read token L: zeros
       slots_BKNRE = bank_slots_BKNS.astype(c.dtype).reshape(B, K, N1, R, e)
       scores = jnp.einsum("bkcre,bknre->bkrcn", q_BKCRE, slots_BKNRE, preferred_element_type=jnp.float32)
       p_BKRCN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
@@ -205,7 +208,6 @@ class HierarchicalMemory(nn.Module):
                              slots_BKNRE).reshape(B, K * C, R, e)
       mass_BQN = p_BKRCN.mean(axis=2).swapaxes(2, 3).reshape(B, K * C, N1)
       # Back to the picks (a dropped pick reads the zero row K * C), weighted and summed over each token's k.
-      pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
       w_BLk = w_BLk_kept.astype(read_BQRE.dtype)
       read_BLRE = jnp.einsum("blkre,blk->blre", _gather_rows(pad(read_BQRE), cell_BA).reshape(B, L, k, R, e), w_BLk)
       return read_BLRE, _gather_rows(pad(mass_BQN), cell_BA).reshape(B, L, k, N1) * w_BLk_kept[..., None]
@@ -213,7 +215,6 @@ class HierarchicalMemory(nn.Module):
     def skip(_):
       return jnp.zeros_like(q_BLRE), jnp.zeros((B, L, k, N1), jnp.float32)
 
-    w_BLk_kept = w_BLk * kept_BA.reshape(B, L, k)
     if m.skip_threshold > 0:
       read_BLRE, mass_BLkN = jax.lax.cond(active_BL.any(), attend, skip, None)
     else:

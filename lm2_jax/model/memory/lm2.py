@@ -148,12 +148,9 @@ class LM2Memory(nn.Module):
     v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
     read_BLRE = _pin(jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE), "blre")
     delta_BLD = nn.sigmoid(self.out_gate(read_BLRE)) * self.o(read_BLRE)
-    p_BLN = p_BRLN.mean(axis=1)
-    if mask_BL is None:
-      mass_BN = p_BLN.mean(axis=1)
-    else:
-      w_BL = mask_BL.astype(jnp.float32)
-      mass_BN = jnp.einsum("bln,bl->bn", p_BLN, w_BL) / jnp.maximum(w_BL.sum(axis=1, keepdims=True), 1.0)
+    B, R, L, _ = p_BRLN.shape
+    w_BL = jnp.ones((B, L), jnp.float32) if mask_BL is None else mask_BL.astype(jnp.float32)
+    mass_BN = jnp.einsum("brln,bl->bn", p_BRLN, w_BL) / (R * jnp.maximum(w_BL.sum(axis=1, keepdims=True), 1.0))
     return _pin(delta_BLD, "bld"), {"read_mass": jax.lax.stop_gradient(mass_BN)}
 
   def write(self, state, h_BLD, stats, mask_BL=None):
