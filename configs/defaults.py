@@ -13,19 +13,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = default_model_config()
 
   config.data = ml_collections.ConfigDict()
-  config.data.kind = "recall"           # recall (built-in task) | text_files | array_record | tfds
+  config.data.kind = "recall"           # recall (built-in task) | text_files | array_record | tfds | babilong
   config.data.continuing_stream = False  # True: the memory of one batch is carried into the next
   config.data.shuffle_seed = ml_collections.config_dict.placeholder(int)  # None: sources in order
   # Document sources (packed into continuing streams with document ids; lm2_jax.data.pipeline):
   config.data.paths = ""                # text_files / array_record: comma-separated files or globs
   config.data.eval_paths = ""           # the same, for launch.evaluate
   config.data.text_split = "file"       # text_files: one document per file | paragraph | line
-  config.data.tokenizer = ""            # text_files / tfds: a SentencePiece .model (launch.train_tokenizer)
+  config.data.tokenizer = ""            # text_files / tfds: a SentencePiece .model (launch.train_tokenizer);
+                                        # babilong: trained there on built-in text if missing
   config.data.tfds_name = ""            # tfds: a dataset prepared offline in ArrayRecord format
   config.data.tfds_split = "train"
   config.data.tfds_eval_split = "validation"
   config.data.tfds_data_dir = ""
   config.data.text_feature = "text"
+  # BABILong (kind 'babilong'; lm2_jax.data.babi.training), seeded by data.seed:
+  config.data.tasks = "qa1,qa2,qa3,qa4,qa5"  # bAbI tasks, drawn round-robin
+  config.data.curriculum = "0:0"        # 'from_sample:lengths ...': lengths (tokens) drawn per sample, by stage
+  config.data.distractor = ""           # a folder of .txt files (e.g. PG19 books); empty: built-in prose
   # The recall task (kind 'recall'):
   config.data.seed = 0
   config.data.num_segments = 4

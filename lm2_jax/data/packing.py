@@ -3,7 +3,8 @@
 Row b of every batch continues stream b: documents are taken in order from a random-access dataset of token
 arrays and laid end to end in whichever stream needs one next, so a document longer than T continues in the
 same row of the next batch, where a memory carried between batches (`data.continuing_stream`) picks it up.
-Nothing is padded or dropped.
+Nothing is padded or dropped. A document is an int32 token array, or a dict {'tokens', 'loss_mask'} whose mask
+says which of its tokens carry loss (e.g. only a question's answer).
 
 A batch: {'tokens': int32 [B, T], 'segment_ids': int32 [B, T] (document id, the same for all tokens of one
 document in one stream, > 0), 'loss_mask': bool [B, T] (False at the first token of a document that follows
@@ -28,7 +29,8 @@ _MAX_ID = 2**30
 
 
 class PackedStreams(grain.IterDataset):
-  """`docs`: a MapDataset (random access, may be endless) of int32 token arrays; `num_docs`: documents in one
+  """`docs`: a MapDataset (random access, may be endless) of documents (token arrays or dicts with 'tokens' and
+  'loss_mask'); `num_docs`: documents in one
   pass over it (to detect a source of only empty documents)."""
 
   def __init__(self, docs: grain.MapDataset, *, batch_size: int, seq_len: int, num_docs: int, num_threads: int = 2,
@@ -50,22 +52,23 @@ class PackedStreamsIterator(grain.DatasetIterator):
     self._pending: dict[int, concurrent.futures.Future] = {}
     self.set_state({"next_doc": 0, "streams": [[-1, 0, 0]] * ds.batch_size})
 
-  def _fetch(self, index: int) -> np.ndarray:
-    """Document `index`, reading ahead the next `prefetch` ones in background threads."""
+  def _fetch(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Document `index` as (tokens, loss mask or None), reading ahead the next `prefetch` ones in background
+    threads."""
     for i in range(index, index + self._ds.prefetch):
       if i not in self._pending:
         self._pending[i] = self._pool.submit(self._ds.docs.__getitem__, i)
     for i in [i for i in self._pending if i < index]:
       del self._pending[i]
-    return np.asarray(self._pending.pop(index).result(), np.int32)
+    return _document(self._pending.pop(index).result())
 
-  def _next_document(self) -> tuple[int, np.ndarray]:
+  def _next_document(self) -> tuple[int, tuple[np.ndarray, np.ndarray | None]]:
     for _ in range(self._ds.num_docs + 1):
       index = self._next_doc
       self._next_doc += 1
-      tokens = self._fetch(index)
-      if len(tokens):
-        return index, tokens
+      doc = self._fetch(index)
+      if len(doc[0]):
+        return index, doc
     raise ConfigError(f"config.data: all {self._ds.num_docs} documents of the source are empty after tokenization")
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -79,17 +82,19 @@ class PackedStreamsIterator(grain.DatasetIterator):
       filled = 0
       while filled < T:
         if stream["doc"] < 0:
-          stream["doc"], stream["tokens"] = self._next_document()
+          stream["doc"], (stream["tokens"], stream["mask"]) = self._next_document()
           stream["offset"], stream["seen"] = 0, stream["seen"] + 1
           if filled:  # a document after another in the row: its first token is not predicted across the boundary
             loss_mask[b, filled] = False
         n = min(T - filled, len(stream["tokens"]) - stream["offset"])
         tokens[b, filled:filled + n] = stream["tokens"][stream["offset"]:stream["offset"] + n]
+        if stream["mask"] is not None:
+          loss_mask[b, filled:filled + n] &= stream["mask"][stream["offset"]:stream["offset"] + n]
         ids[b, filled:filled + n] = stream["seen"] % _MAX_ID + 1
         filled += n
         stream["offset"] += n
         if stream["offset"] == len(stream["tokens"]):
-          stream["doc"], stream["tokens"] = -1, None
+          stream["doc"], stream["tokens"], stream["mask"] = -1, None, None
     return {"tokens": tokens, "segment_ids": ids, "loss_mask": loss_mask, "new_document": new_document}
 
   def get_state(self) -> dict[str, Any]:
@@ -104,5 +109,13 @@ class PackedStreamsIterator(grain.DatasetIterator):
     self._pending.clear()
     self._streams = []
     for doc, offset, seen in state["streams"]:
-      tokens = np.asarray(self._ds.docs[doc], np.int32) if doc >= 0 else None
-      self._streams.append({"doc": int(doc), "offset": int(offset), "seen": int(seen), "tokens": tokens})
+      tokens, mask = _document(self._ds.docs[doc]) if doc >= 0 else (None, None)
+      self._streams.append({"doc": int(doc), "offset": int(offset), "seen": int(seen), "tokens": tokens,
+                            "mask": mask})
+
+
+def _document(doc) -> tuple[np.ndarray, np.ndarray | None]:
+  """(int32 tokens, bool loss mask or None) of a token array or a {'tokens', 'loss_mask'} dict."""
+  if isinstance(doc, dict):
+    return np.asarray(doc["tokens"], np.int32), np.asarray(doc["loss_mask"], bool)
+  return np.asarray(doc, np.int32), None

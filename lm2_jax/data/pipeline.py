@@ -4,7 +4,9 @@
     data.get_state() / data.set_state()  # JSON-able; go into checkpoints
 
 `recall`: the built-in task (lm2_jax.data.recall), one sample per row. `text_files`, `array_record`, `tfds`:
-documents tokenised and packed as continuing streams with document ids (lm2_jax.data.packing).
+documents tokenised and packed as continuing streams with document ids (lm2_jax.data.packing). `babilong`:
+BABILong samples of bAbI tasks in distractor text (lm2_jax.data.babi.training), packed the same way, with loss on
+the answers only and a curriculum of lengths.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import jax
 import numpy as np
 
 from lm2_jax.data import recall, sources
+from lm2_jax.data.babi.training import BabilongSource, ensure_tokenizer, parse_curriculum
 from lm2_jax.data.packing import PackedStreams
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.model.config import ConfigError
 
-DATA_KINDS = ("recall", "text_files", "array_record", "tfds")
+DATA_KINDS = ("recall", "text_files", "array_record", "tfds", "babilong")
 
 
 def _stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -62,19 +65,36 @@ def document_source(data_cfg) -> Any:
     return sources.TokenRecords(data_cfg.paths)
   if kind == "tfds":
     return sources.TfdsText(data_cfg.tfds_name, data_cfg.tfds_split, data_cfg.tfds_data_dir, data_cfg.text_feature)
-  raise ConfigError(f"config.data.kind={kind!r}: not a document source; use one of {DATA_KINDS[1:]}")
+  raise ConfigError(f"config.data.kind={kind!r}: not a document source; use one of {DATA_KINDS[1:4]}")
 
 
 def tokenizer_for(config) -> Tokenizer | None:
   """The tokenizer of a text source, checked against the model's vocabulary (None for token sources)."""
   if config.data.kind in ("recall", "array_record"):
     return None
+  if config.data.kind == "babilong":
+    return babilong_tokenizer(config)
   if not config.data.tokenizer:
     raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r}: data.kind={config.data.kind!r} needs a "
                       "SentencePiece .model; train one with `python -m launch.train_tokenizer`")
   tok = Tokenizer(config.data.tokenizer)
   tok.check_vocab(config.model.vocab_size)
   return tok
+
+
+def babilong_tokenizer(config) -> Tokenizer:
+  """The tokenizer at `config.data.tokenizer`, trained there on built-in text if missing, checked against the
+  model's vocabulary."""
+  tok = ensure_tokenizer(config.data.tokenizer, config.model.vocab_size)
+  tok.check_vocab(config.model.vocab_size)
+  return tok
+
+
+def babilong_source(config, split: str = "train") -> BabilongSource:
+  d = config.data
+  return BabilongSource(babilong_tokenizer(config), tasks=[t.strip() for t in d.tasks.split(",") if t.strip()],
+                        curriculum=parse_curriculum(d.curriculum), seed=d.seed, split=split,
+                        distractor=d.distractor or None)
 
 
 def packed_batches(source: Any, global_batch_size: int, seq_len: int, *, tokenizer: Tokenizer | None = None,
@@ -104,6 +124,8 @@ def make_batches(config, *, seed_offset: int = 0) -> grain.DatasetIterator:
     raise ConfigError(f"config.data.kind={d.kind!r}: use one of {DATA_KINDS}")
   if d.kind == "recall":
     return batches(recall.from_config(config, seed_offset=seed_offset), t.batch_size, shuffle_seed=d.shuffle_seed)
+  if d.kind == "babilong":  # every document is its own seeded draw: nothing to shuffle
+    return packed_batches(babilong_source(config), t.batch_size, t.seq_len)
   source = document_source(d)
   return packed_batches(source, t.batch_size, t.seq_len, tokenizer=tokenizer_for(config),
                         shuffle_seed=d.shuffle_seed)
