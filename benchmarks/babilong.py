@@ -4,9 +4,13 @@ answers by task and length.
   python -m benchmarks.babilong [--kinds=lm2,hierarchical,rmt,none,full] [--workdir=workdir/babilong]
       [--lengths=0,1024,2048,4096,8192,16384] [--samples=20] [--steps=N]
 
-Each kind trains in WORKDIR/<kind> (resuming from its checkpoints) and is evaluated on the same test samples.
-Prints the table in the layout of LM2's Table 1 and writes WORKDIR/babilong.{json,md,png}.
+Each kind trains in WORKDIR/<kind> (resuming from its checkpoints) and is evaluated on the same test samples;
+its results go to WORKDIR/<kind>/babilong_result.json and are reused by a later run with the same steps, lengths
+and samples (so kinds can be run in separate processes, then gathered by a run over all of them). Prints the
+table in the layout of LM2's Table 1 and writes WORKDIR/babilong.{json,md,png}.
 """
+
+import json
 
 import os
 import time
@@ -14,8 +18,7 @@ import time
 from absl import app, flags
 
 from configs import babilong as family
-from lm2_jax.data.pipeline import babilong_tokenizer
-from lm2_jax.evaluate.babilong import babilong_accuracy, write_report
+from lm2_jax.evaluate.babilong import babilong_results, babilong_tasks, write_report
 from lm2_jax.model import count_params
 from lm2_jax.train import trainer
 
@@ -26,14 +29,15 @@ _SAMPLES = flags.DEFINE_integer("samples", None, "Test samples per task and leng
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps; default: the config's train.steps.")
 
 
-def evaluate_kind(config, params, model, lengths, samples, log=print) -> dict:
-  """The BABILong results of one trained model under its config's eval settings."""
-  e, d = config.eval, config.data
-  return babilong_accuracy(
-      model, params, babilong_tokenizer(config), tasks=[t.strip() for t in d.tasks.split(",")], lengths=lengths,
-      num_samples=samples, seed=d.seed, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-      distractor=d.distractor or None, full_attention=e.full_attention, full_attention_max=e.full_attention_max,
-      log=log)
+def _train_seconds(workdir: str, tokens_per_step: int) -> float:
+  """Training wall time from the trainer's log (tokens per logging interval over its tokens/s), resumes included."""
+  seconds, last_step = 0.0, 0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for row in map(json.loads, f):
+      if row["step"] > last_step:
+        seconds += (row["step"] - last_step) * tokens_per_step / row["tokens_per_s"]
+        last_step = row["step"]
+  return seconds
 
 
 def main(argv):
@@ -47,19 +51,28 @@ def main(argv):
     lengths = [int(n) for n in (_LENGTHS.value or config.eval.lengths.split(","))]
     samples = _SAMPLES.value or config.eval.samples
     workdir = os.path.join(_WORKDIR.value, kind)
+    cached = os.path.join(workdir, "babilong_result.json")
+    if os.path.exists(cached):
+      with open(cached) as f:
+        saved = json.load(f)
+      if (saved["budget"]["steps"], saved["lengths"], saved["samples"]) == (config.train.steps, lengths, samples):
+        models[kind], budget[kind] = saved["result"], saved["budget"]
+        print(f"== {kind}: results of {cached}", flush=True)
+        continue
     print(f"== {kind}: training {config.train.steps} steps of {config.train.batch_size} x {config.train.seq_len} "
           f"tokens in {workdir}", flush=True)
-    t0 = time.time()
     state = trainer.train(config, workdir)
-    train_s = time.time() - t0
     setup = trainer.build(config)
     t0 = time.time()
-    models[kind] = evaluate_kind(config, state.params, setup.model, lengths, samples)
-    budget[kind] = {"steps": config.train.steps, "tokens": config.train.steps * config.train.batch_size *
-                    config.train.seq_len, "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
-                    "parameters": count_params(setup.model)["total"]}
+    models[kind] = babilong_results(config, setup.model, state.params, lengths, samples)
+    tokens_per_step = config.train.batch_size * config.train.seq_len
+    budget[kind] = {"steps": config.train.steps, "tokens": config.train.steps * tokens_per_step,
+                    "train_s": round(_train_seconds(workdir, tokens_per_step), 1),
+                    "eval_s": round(time.time() - t0, 1), "parameters": count_params(setup.model)["total"]}
+    with open(cached, "w") as f:
+      json.dump({"result": models[kind], "budget": budget[kind], "lengths": lengths, "samples": samples}, f)
     print(f"{kind}: {budget[kind]}", flush=True)
-  tasks = [t.strip() for t in family.get_config(_KINDS.value[0]).data.tasks.split(",")]
+  tasks = babilong_tasks(family.get_config(_KINDS.value[0]))
   table = write_report(models, tasks, lengths, os.path.join(_WORKDIR.value, "babilong"),
                        extra={"budget": budget, "samples": samples})
   print(f"\nBABILong accuracy (%), {samples} test samples per task and length\n{table}")

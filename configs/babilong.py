@@ -51,8 +51,8 @@ def _base():
   config.checkpoint.every = 350
   config.checkpoint.keep = 1
 
-  config.eval = dict(lengths="0,1024,2048,4096,8192,16384", samples=20, batch_size=10, max_new_tokens=6,
-                     full_attention=False, full_attention_max=4096)
+  config.eval.lengths = "0,1024,2048,4096,8192,16384"
+  config.eval.samples = 20
   return config
 
 

@@ -55,6 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_accum_steps = 1
   config.train.log_every = 50
 
+  config.eval = ml_collections.ConfigDict()  # BABILong evaluation (launch.evaluate, benchmarks.babilong)
+  config.eval.lengths = "0,1024,2048,4096"  # tokens of distractor text and story
+  config.eval.samples = 50              # test samples per task and length
+  config.eval.batch_size = 10
+  config.eval.max_new_tokens = 6        # generation stops earlier at '.' or eos
+  config.eval.full_attention = False    # memory kind 'none' only: the whole input as one segment
+  config.eval.full_attention_max = 4096  # longer inputs are not run with full attention
+
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 500
   config.checkpoint.keep = 3

@@ -15,6 +15,7 @@ With `full_attention` (memory kind 'none' only) the whole input is one segment: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -34,7 +35,10 @@ _PAD_DOC, _PROMPT_DOC = 1, 2
 _FULL_ATTENTION_ROUND = 256  # full-attention inputs are padded to a multiple of this (fewer compilations)
 
 
-def _forward(model: LM2Model):
+@functools.lru_cache(maxsize=16)
+def _forward(model_config):
+  """jit (params, tokens, memory, segment_ids) -> (logits, memory), one per model config (compiled per shape)."""
+  model = LM2Model(model_config)
   return jax.jit(lambda p, t, m, i: model.apply({"params": p}, t, m, segment_ids=i)[:2])
 
 
@@ -61,7 +65,7 @@ def generate_greedy(model: LM2Model, params, prompts: Sequence[Sequence[int]], *
   for b, p in enumerate(prompts):
     tokens[b, start_B[b]:E] = p
     ids[b, start_B[b]:] = _PROMPT_DOC
-  forward = _forward(model)
+  forward = _forward(model.config)
 
   def run(seg: int, memory):
     """Segment `seg` from the memory that entered it -> (logits [B, S, V], memory after it)."""
@@ -135,6 +139,22 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
   return results
 
 
+def babilong_tasks(config) -> list[str]:
+  return [t.strip() for t in config.data.tasks.split(",") if t.strip()]
+
+
+def babilong_results(config, model: LM2Model, params, lengths: Sequence[int], samples: int,
+                     log: Callable[[str], None] = print) -> dict:
+  """`babilong_accuracy` of a trained model on the tasks, seed and distractor of `config.data`, under the
+  generation settings of `config.eval`."""
+  from lm2_jax.data.pipeline import babilong_tokenizer  # local: the pipeline imports more than this module needs
+  e, d = config.eval, config.data
+  return babilong_accuracy(model, params, babilong_tokenizer(config), tasks=babilong_tasks(config), lengths=lengths,
+                           num_samples=samples, seed=d.seed, batch_size=e.batch_size,
+                           max_new_tokens=e.max_new_tokens, distractor=d.distractor or None,
+                           full_attention=e.full_attention, full_attention_max=e.full_attention_max, log=log)
+
+
 def _length_name(length: int) -> str:
   return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
@@ -170,8 +190,7 @@ def plot_heatmap(models: dict[str, dict], tasks: Sequence[str], lengths: Sequenc
   for ax, (name, result) in zip(axes[0], models.items()):
     grid = np.array([[np.nan if result["accuracy"][t].get(str(l)) is None else 100 * result["accuracy"][t][str(l)]
                       for t in tasks] for l in lengths])
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
       ax.text(j, i, "—" if math.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8)

@@ -1,0 +1,176 @@
+"""BABILong training documents, greedy generation through the segment recurrence, reports and the launcher."""
+
+import json
+import subprocess
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import babilong as family
+from helpers import build, tiny_config
+from lm2_jax.data.babi import TASK_LABELS, generate, make_sample
+from lm2_jax.data.babi.training import (ANSWER_CUE, BabilongSource, encode_prompt, encode_sample, ensure_tokenizer,
+                                        parse_curriculum)
+from lm2_jax.data.packing import PackedStreams
+from lm2_jax.evaluate.babilong import generate_greedy, markdown_table, plot_heatmap
+from lm2_jax.model import LM2Model
+from lm2_jax.model.config import ConfigError
+from lm2_jax.train import trainer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return ensure_tokenizer(str(tmp_path_factory.mktemp("tok") / "spm.model"), 768)
+
+
+def test_tokenizer_is_built_once_and_reloaded(tok):
+  assert tok.vocab_size == 768 and ensure_tokenizer(tok.path, 768).vocab_size == 768
+  assert tok.decode(tok.encode("Mary went to the kitchen.")) == "Mary went to the kitchen."
+
+
+def test_encoded_sample_carries_loss_on_the_answer_only(tok):
+  for s in generate("qa2", 5, seed=1, split="test"):
+    doc = encode_sample(tok, make_sample(s, 0))
+    tokens, mask = doc["tokens"], doc["loss_mask"]
+    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id and mask[-1]
+    assert tok.decode(tokens[mask][:-1]).strip() == s["answer"] + "."
+    assert tok.decode(tokens[~mask]).endswith(s["question"] + ANSWER_CUE)
+    assert not mask[:int((~mask).sum())].any()  # the prompt comes first, all without loss
+
+
+def test_source_follows_the_curriculum_and_is_seeded(tok):
+  source = BabilongSource(tok, tasks=["qa1", "qa4"], curriculum=parse_curriculum("0:0 4:600"), seed=3)
+  for i in range(8):
+    doc = source[i]
+    prompt = int((~doc["loss_mask"]).sum())
+    answer = tok.decode(doc["tokens"][doc["loss_mask"]]).strip().rstrip(".")
+    assert answer in TASK_LABELS[["qa1", "qa4"][i % 2]]  # tasks round-robin
+    if i < 4:
+      assert prompt < 100  # the bare story
+    else:
+      assert 0.98 * 600 <= prompt - 1 - len(tok.encode(ANSWER_CUE)) <= 1.02 * 600 + 2
+    again = BabilongSource(tok, tasks=["qa1", "qa4"], curriculum=parse_curriculum("0:0 4:600"), seed=3)[i]
+    np.testing.assert_array_equal(doc["tokens"], again["tokens"])
+
+
+@pytest.mark.parametrize("text", ["", "5:0", "0:0 0:100", "0:a", "0:-1", "0:0 10:100 5:200", "0-100"])
+def test_bad_curriculum_names_the_field(text):
+  with pytest.raises(ConfigError, match="config.data.curriculum"):
+    parse_curriculum(text)
+
+
+def test_packed_documents_keep_their_loss_masks():
+  rng = np.random.default_rng(0)
+  docs = []
+  for n in rng.integers(3, 14, size=40):
+    docs.append({"tokens": rng.integers(4, 50, n).astype(np.int32), "loss_mask": rng.random(n) < 0.3})
+  it = iter(PackedStreams(grain.MapDataset.source(docs), batch_size=1, seq_len=16, num_docs=len(docs)))
+  rows = [next(it) for _ in range(10)]
+  tokens = np.concatenate([r["tokens"][0] for r in rows])
+  mask = np.concatenate([r["loss_mask"][0] for r in rows])
+  expected_tokens = np.concatenate([d["tokens"] for d in docs])[:160]
+  expected_mask = np.concatenate([d["loss_mask"] & (np.arange(len(d["loss_mask"])) > 0) for d in docs])[:160]
+  expected_mask[0] = docs[0]["loss_mask"][0]  # the row's first document: its first token is not masked out
+  np.testing.assert_array_equal(tokens, expected_tokens)
+  np.testing.assert_array_equal(mask, expected_mask)
+
+
+def _brute_force_greedy(model, params, prompts, max_new_tokens):
+  """Greedy decoding that re-runs the whole left-padded input from a fresh memory for every new token."""
+  S = model.config.segment_len
+  E = max(len(p) for p in prompts)
+  L = -(-(E + max_new_tokens) // S) * S
+  tokens = np.zeros((len(prompts), L), np.int32)
+  ids = np.ones((len(prompts), L), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, E - len(p):E] = p
+    ids[b, E - len(p):] = 2
+  apply = jax.jit(lambda t, i: model.apply({"params": params}, t, model.init_memory(len(prompts)), segment_ids=i)[0])
+  out = []
+  for t in range(max_new_tokens):
+    next_B = np.asarray(jnp.argmax(apply(tokens, ids)[:, E - 1 + t], -1))
+    tokens[:, E + t] = next_B
+    out.append(next_B)
+  return np.stack(out, 1).tolist()
+
+
+@pytest.mark.parametrize("kind", ["lm2", "rmt"])
+def test_generation_through_the_recurrence_equals_recomputing_everything(kind):
+  model, params = build(tiny_config(kind))  # segments of 8 tokens
+  rng = np.random.default_rng(1)
+  # Prompts ending at position 23 start at 19, 11, 8 (a segment boundary), 0 and 21; 6 new tokens cross into
+  # the next segment.
+  prompts = [rng.integers(4, 64, n).tolist() for n in (5, 13, 16, 24, 3)]
+  got = generate_greedy(model, params, prompts, max_new_tokens=6, stop=lambda i: False)
+  assert got == _brute_force_greedy(model, params, prompts, 6)
+
+
+def test_generation_stops_after_the_stop_token():
+  model, params = build(tiny_config("lm2"))
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+  full = generate_greedy(model, params, prompts, max_new_tokens=5, stop=lambda i: False)
+  assert [len(out) for out in full] == [5, 5]
+  assert generate_greedy(model, params, prompts, max_new_tokens=5, stop=lambda i: True) == [full[0][:1], full[1][:1]]
+
+
+def test_full_attention_equals_one_unpadded_window():
+  model, params = build(tiny_config("none"))  # window: 8 tokens
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(4, 64, n).tolist() for n in (21, 9, 30)]
+  got = generate_greedy(model, params, prompts, max_new_tokens=4, stop=lambda i: False, full_attention=True)
+  wide = LM2Model(tiny_config("none", segment_len=64))
+  logits_fn = jax.jit(lambda t: wide.apply({"params": params}, t, {})[0])
+  for prompt, out in zip(prompts, got):
+    seq = np.zeros((1, 64), np.int32)  # the prompt alone from position 0; causal, so what follows is unread
+    seq[0, :len(prompt)] = prompt
+    for t in range(4):
+      seq[0, len(prompt) + t] = int(jnp.argmax(logits_fn(seq)[0, len(prompt) + t - 1]))
+    assert out == seq[0, len(prompt):len(prompt) + 4].tolist()
+  with pytest.raises(ConfigError, match="memory.kind"):
+    generate_greedy(*build(tiny_config("lm2")), prompts, max_new_tokens=1, stop=lambda i: True,
+                    full_attention=True)
+
+
+def test_table_layout_and_heatmap(tmp_path):
+  models = {"lm2": {"accuracy": {"qa1": {"0": 1.0, "1024": 0.5}, "qa2": {"0": 0.25, "1024": 0.0}}},
+            "full": {"accuracy": {"qa1": {"0": 0.75, "1024": None}, "qa2": {"0": 0.5, "1024": None}}}}
+  table = markdown_table(models, ["qa1", "qa2"], [0, 1024]).splitlines()
+  assert table[0] == "| context | model | qa1 | qa2 | avg |"
+  assert table[2:] == ["| 0K | lm2 | 100.0 | 25.0 | 62.5 |", "| 0K | full | 75.0 | 50.0 | 62.5 |",
+                       "| 1K | lm2 | 50.0 | 0.0 | 25.0 |", "| 1K | full | — | — | — |"]
+  plot_heatmap(models, ["qa1", "qa2"], [0, 1024], str(tmp_path / "h.png"))
+  assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_family_has_equal_parameter_counts():
+  counts = {kind: family.count_parameters(family.get_config(kind).model) for kind in family.KINDS}
+  assert max(counts.values()) / min(counts.values()) < 1.01, counts
+  assert family.get_config("full").eval.full_attention and family.get_config("full").model.memory.kind == "none"
+
+
+def test_train_then_evaluate_a_babilong_checkpoint(tmp_path, tok):
+  config = family.get_config("lm2")
+  config.data.tokenizer = tok.path
+  config.data.tasks = "qa1,qa4"
+  config.data.curriculum = "0:0 20:0,256"
+  config.model.update(dict(d_model=32, num_layers=2, d_ff=64, segment_len=64))
+  config.train.update(dict(steps=2, warmup_steps=0, batch_size=8, seq_len=128, log_every=1))
+  config.checkpoint.every = 2
+  trainer.train(config, str(tmp_path))
+  out = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={tmp_path}",
+                        "--babilong_lengths=0,256", "--eval_samples=3"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads((tmp_path / "eval_2.json").read_text())["babilong"]
+  assert set(results["accuracy"]) == {"qa1", "qa4"}
+  assert all(set(acc) == {"0", "256"} and all(a in (0, 1 / 3, 2 / 3, 1) for a in acc.values())
+             for acc in results["accuracy"].values())
+  assert "| 256 | lm2 |" in out.stdout
+  assert (tmp_path / "babilong_2.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "babilong_2.md").exists()
+  # The prompt the evaluation feeds is the prefix of the training document before its answer.
+  sample = make_sample(generate("qa1", 1, seed=0, split="test")[0], 0)
+  doc = encode_sample(tok, sample)
+  assert encode_prompt(tok, sample) == doc["tokens"][~doc["loss_mask"]].tolist()
