@@ -5,8 +5,8 @@
 
 `get_config(kind)` builds the family (`configs/babilong_<kind>.py` call it): 4 layers, d_model 64, 128-token
 segments, trained on qa1-qa5 BABILong samples packed as continuing streams (loss on the answers), with a
-curriculum from the bare bAbI stories (0K) to 1K tokens of distractor text: 700 steps of 8 x 512 tokens, sized
-to train each kind in minutes on a 2-core CPU. Every kind is brought to the
+curriculum from the bare bAbI stories (0K) to 1K tokens of distractor text: 1000 steps of 8 x 512 tokens, sized
+to train each kind in 10-20 minutes on a 2-core CPU. Every kind is brought to the
 parameter count of `lm2` by widening the feed-forward layers (`match_parameters`), so rows compare like with like.
 Kinds: lm2, hierarchical, rmt, none (window: one segment), full (none with attention over the whole input at
 evaluation; trained like none but with 512-token segments, so it sees every training sample whole).
@@ -36,19 +36,19 @@ def _base():
   d.kind = "babilong"
   d.tokenizer = "workdir/babilong/spm.model"  # trained here on built-in text on first use
   d.tasks = "qa1,qa2,qa3,qa4,qa5"
-  d.curriculum = "0:0 10000:0,256,512 13200:0,512,1024"  # ~ steps 0-250, 250-475, 475-700
+  d.curriculum = "0:0 16000:0,256,512 20000:0,512,1024"  # about steps 0-400, 400-700, 700-1000
   d.continuing_stream = True  # a sample longer than a row continues in the next batch, with its memory
   d.seed = 0
 
   t = config.train
-  t.steps = 700
+  t.steps = 1000
   t.batch_size = 8
   t.seq_len = 512
   t.learning_rate = 3e-3
   t.warmup_steps = 50
   t.weight_decay = 0.01
   t.log_every = 50
-  config.checkpoint.every = 350
+  config.checkpoint.every = 250
   config.checkpoint.keep = 1
 
   config.eval.lengths = "0,1024,2048,4096,8192,16384"

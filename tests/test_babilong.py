@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from lm2_jax.data.babi import (TASK_ENTITIES, Prose, TextFolder, babilong_correct, count_words, generate,
-                               generate_prose, make_sample, make_samples)
+from lm2_jax.data.babi import (TASK_ENTITIES, Prose, TextDocuments, TextFolder, babilong_correct, count_words,
+                               generate, generate_prose, make_sample, make_samples)
 from lm2_jax.data.babi.babilong import split_sentences
 
 ALL_ENTITIES = re.compile(r"\b(?:" + "|".join(sorted({w for ws in TASK_ENTITIES.values() for w in ws})) + r")\b",
@@ -106,6 +106,18 @@ def test_text_folder_source(tmp_path):
     for d in distractors:  # the files' sentences (the last one may be cut short to hit the length)
       assert d in allowed or any(s.startswith(d[:-1]) for s in allowed), d
     assert "Mary went to the kitchen." not in distractors  # names the task's people and places
+
+
+def test_text_documents_source():
+  texts = ["The ship sailed at dawn. Nobody sang that day. The wind rose again.",
+           "Rain fell on the roofs of the town. The bells rang twice at noon."]
+  allowed = {s for t in texts for s in split_sentences(t)}
+  babi = generate("qa1", 1, seed=0)[0]
+  long = make_sample(babi, 300, TextDocuments(texts), rng=2)
+  assert abs(long["num_tokens"] - 300) <= 6
+  assert all(d in allowed or any(s.startswith(d[:-1]) for s in allowed) for d in check_layout(long, babi))
+  with pytest.raises(ValueError, match="hold no documents"):
+    TextDocuments([])
 
 
 def test_text_folder_errors(tmp_path):

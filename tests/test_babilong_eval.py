@@ -16,6 +16,7 @@ from lm2_jax.data.babi import TASK_LABELS, generate, make_sample
 from lm2_jax.data.babi.training import (ANSWER_CUE, BabilongSource, encode_prompt, encode_sample, ensure_tokenizer,
                                         parse_curriculum)
 from lm2_jax.data.packing import PackedStreams
+from lm2_jax.data.pipeline import babilong_distractor
 from lm2_jax.evaluate.babilong import generate_greedy, markdown_table, plot_heatmap
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
@@ -63,6 +64,18 @@ def test_bad_curriculum_names_the_field(text):
     parse_curriculum(text)
 
 
+def test_distractor_spec_errors_name_the_field(tmp_path):
+  data = family.get_config("lm2").data
+  assert babilong_distractor(data) is None  # the built-in prose
+  data.distractor = "tfds:no_such_dataset_here"
+  data.tfds_data_dir = str(tmp_path)
+  with pytest.raises(ConfigError, match="config.data.distractor='tfds:no_such_dataset_here'"):
+    babilong_distractor(data)
+  data.distractor = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="missing"):
+    babilong_distractor(data)
+
+
 def test_packed_documents_keep_their_loss_masks():
   rng = np.random.default_rng(0)
   docs = []
@@ -107,14 +120,11 @@ def test_generation_through_the_recurrence_equals_recomputing_everything(kind):
   prompts = [rng.integers(4, 64, n).tolist() for n in (5, 13, 16, 24, 3)]
   got = generate_greedy(model, params, prompts, max_new_tokens=6, stop=lambda i: False)
   assert got == _brute_force_greedy(model, params, prompts, 6)
-
-
-def test_generation_stops_after_the_stop_token():
-  model, params = build(tiny_config("lm2"))
-  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-  full = generate_greedy(model, params, prompts, max_new_tokens=5, stop=lambda i: False)
-  assert [len(out) for out in full] == [5, 5]
-  assert generate_greedy(model, params, prompts, max_new_tokens=5, stop=lambda i: True) == [full[0][:1], full[1][:1]]
+  # Each row stops after its first token for which stop() holds.
+  stopped = generate_greedy(model, params, prompts, max_new_tokens=6, stop=lambda i: i in (got[0][2], got[1][0]))
+  for out, full in zip(stopped, got):
+    cut = [j for j, i in enumerate(full) if i in (got[0][2], got[1][0])]
+    assert out == (full[:cut[0] + 1] if cut else full)
 
 
 def test_full_attention_equals_one_unpadded_window():

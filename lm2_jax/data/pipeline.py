@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from lm2_jax.data import recall, sources
+from lm2_jax.data.babi.babilong import TextDocuments, TextFolder
 from lm2_jax.data.babi.training import BabilongSource, ensure_tokenizer, parse_curriculum
 from lm2_jax.data.packing import PackedStreams
 from lm2_jax.data.tokenizer import Tokenizer
@@ -90,11 +91,29 @@ def babilong_tokenizer(config) -> Tokenizer:
   return tok
 
 
+def babilong_distractor(data_cfg, split: str = "train"):
+  """The distractor text `config.data.distractor` names: '' the built-in prose, 'tfds:NAME' the texts of a
+  prepared TFDS dataset (split `tfds_split` for training, `tfds_eval_split` for evaluation; `tfds_data_dir`,
+  `text_feature`), otherwise a folder of .txt files."""
+  spec = data_cfg.distractor
+  if not spec:
+    return None
+  if spec.startswith("tfds:"):
+    name = spec[len("tfds:"):]
+    tfds_split = data_cfg.tfds_split if split == "train" else data_cfg.tfds_eval_split
+    try:
+      texts = sources.TfdsText(name, tfds_split, data_cfg.tfds_data_dir, data_cfg.text_feature)
+    except ConfigError as e:
+      raise ConfigError(f"config.data.distractor={spec!r}: {e}") from None
+    return TextDocuments(texts, f"config.data.distractor={spec!r} (split {tfds_split!r})")
+  return TextFolder(spec)
+
+
 def babilong_source(config, split: str = "train") -> BabilongSource:
   d = config.data
   return BabilongSource(babilong_tokenizer(config), tasks=[t.strip() for t in d.tasks.split(",") if t.strip()],
                         curriculum=parse_curriculum(d.curriculum), seed=d.seed, split=split,
-                        distractor=d.distractor or None)
+                        distractor=babilong_distractor(d, split))
 
 
 def packed_batches(source: Any, global_batch_size: int, seq_len: int, *, tokenizer: Tokenizer | None = None,

@@ -147,11 +147,11 @@ def babilong_results(config, model: LM2Model, params, lengths: Sequence[int], sa
                      log: Callable[[str], None] = print) -> dict:
   """`babilong_accuracy` of a trained model on the tasks, seed and distractor of `config.data`, under the
   generation settings of `config.eval`."""
-  from lm2_jax.data.pipeline import babilong_tokenizer  # local: the pipeline imports more than this module needs
+  from lm2_jax.data.pipeline import babilong_distractor, babilong_tokenizer  # local: imports more than needed here
   e, d = config.eval, config.data
   return babilong_accuracy(model, params, babilong_tokenizer(config), tasks=babilong_tasks(config), lengths=lengths,
                            num_samples=samples, seed=d.seed, batch_size=e.batch_size,
-                           max_new_tokens=e.max_new_tokens, distractor=d.distractor or None,
+                           max_new_tokens=e.max_new_tokens, distractor=babilong_distractor(d, "test"),
                            full_attention=e.full_attention, full_attention_max=e.full_attention_max, log=log)
 
 

@@ -9,7 +9,8 @@ A model must find the few facts among thousands of sentences and reason over the
   babilong_correct(generated, answer, task, question)                 the check of a model's output
 
 Distractor sources are objects with `stream(rng) -> Iterator[str]` (an endless iterator of sentences): the
-built-in `prose.Prose()`, or `TextFolder(path)` over a folder of the user's text files (e.g. PG19 books).
+built-in `prose.Prose()`, `TextFolder(path)` over a folder of the user's text files (e.g. PG19 books), or
+`TextDocuments(texts)` over any random-access collection of texts (e.g. a prepared TFDS dataset).
 Lengths are in the tokens of `count_tokens` (default: whitespace-separated words, so this module needs no
 tokenizer); pass a tokenizer's counting function to build lengths in its tokens.
 """
@@ -53,12 +54,64 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
   return [s for s in _SENTENCE.findall(text) if len(s.split()) >= min_words]
 
 
-class TextFolder:
-  """Distractor sentences from the text files of a folder (searched recursively), e.g. PG19 books.
+class TextDocuments:
+  """Distractor sentences from a random-access collection of documents (`len()`, `[i] -> str`), e.g. the texts
+  of a prepared TFDS dataset such as PG19 (`lm2_jax.data.sources.TfdsText`).
 
-  A stream starts at a random sentence of a random file and reads on in order, file after file, wrapping around,
-  as BABILong reads a book. Files are read when the stream reaches them, so large corpora cost no start-up time.
+  A stream starts at a random sentence of a random document and reads on in order, document after document,
+  wrapping around, as BABILong reads a book. Documents are read when the stream reaches them (the last few are
+  kept), so large corpora cost no start-up time.
   """
+
+  def __init__(self, documents, name: str = "the distractor documents", min_words: int = 3):
+    if len(documents) == 0:
+      raise ValueError(f"{name} hold no documents; pass a non-empty collection of texts")
+    self.documents, self.name, self.min_words = documents, name, min_words
+    self._cache: dict[int, list[str]] = {}
+
+  def sentences(self, index: int) -> list[str]:
+    """The sentences of document `index`."""
+    if index not in self._cache:
+      if len(self._cache) >= 4:
+        self._cache.pop(next(iter(self._cache)))
+      self._cache[index] = split_sentences(self.documents[index], self.min_words)
+    return self._cache[index]
+
+  def stream(self, rng: np.random.Generator | int) -> Iterator[str]:
+    rng = np.random.default_rng(rng)
+    n = len(self.documents)
+    i = int(rng.random() * n)
+    first, empty_in_a_row = True, 0
+    while True:
+      sentences = self.sentences(i)
+      if sentences:
+        empty_in_a_row = 0
+        yield from sentences[int(rng.random() * len(sentences)) if first else 0:]
+      else:
+        empty_in_a_row += 1
+        if empty_in_a_row >= n:
+          raise ValueError(f"{self.name}: its {n} documents hold no sentences of {self.min_words}+ words; add "
+                           "text to them")
+      first = False
+      i = (i + 1) % n
+
+
+class _FileTexts:
+  """The texts of files, read on access."""
+
+  def __init__(self, files: list[Path]):
+    self.files = files
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> str:
+    return self.files[index].read_text(encoding="utf-8", errors="replace")
+
+
+class TextFolder(TextDocuments):
+  """Distractor sentences from the text files of a folder (searched recursively), e.g. PG19 books: a document
+  per file, in sorted order (see `TextDocuments`)."""
 
   def __init__(self, path: str | os.PathLike, pattern: str = "*.txt", min_words: int = 3):
     self.path = Path(path)
@@ -72,34 +125,7 @@ class TextFolder:
     if not self.files:
       raise ValueError(f"distractor folder {str(self.path)!r} holds no {pattern} files; add text files to it or "
                        f"pass pattern= to match the ones it has")
-    self.pattern, self.min_words = pattern, min_words
-    self._cache: dict[Path, list[str]] = {}
-
-  def sentences(self, file: Path) -> list[str]:
-    """The sentences of one file (the last few files read are kept)."""
-    if file not in self._cache:
-      if len(self._cache) >= 4:
-        self._cache.pop(next(iter(self._cache)))
-      text = file.read_text(encoding="utf-8", errors="replace")
-      self._cache[file] = split_sentences(text, self.min_words)
-    return self._cache[file]
-
-  def stream(self, rng: np.random.Generator | int) -> Iterator[str]:
-    rng = np.random.default_rng(rng)
-    i = int(rng.random() * len(self.files))
-    first, empty_in_a_row = True, 0
-    while True:
-      sentences = self.sentences(self.files[i])
-      if sentences:
-        empty_in_a_row = 0
-        yield from sentences[int(rng.random() * len(sentences)) if first else 0:]
-      else:
-        empty_in_a_row += 1
-        if empty_in_a_row >= len(self.files):
-          raise ValueError(f"distractor folder {str(self.path)!r}: its {len(self.files)} {self.pattern} files hold "
-                           f"no sentences of {self.min_words}+ words; add text to them")
-      first = False
-      i = (i + 1) % len(self.files)
+    super().__init__(_FileTexts(self.files), f"distractor folder {str(self.path)!r} ({pattern} files)", min_words)
 
 
 def _entity_pattern(task: str | None) -> re.Pattern:
