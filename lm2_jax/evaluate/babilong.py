@@ -5,9 +5,9 @@ and the reports (JSON, a markdown table in the layout of LM2's Table 1, a heatma
     results["accuracy"]["qa1"]["1024"]   # fraction of samples whose generated answer BABILong counts correct
 
 Generation: the prompts of a batch are left-padded (a padding document before each prompt, so that every prompt
-ends at the same position). The segments before the one holding the last prompt token run once, carrying the
+ends at the same position). Each segment before the one holding the last prompt token runs once, carrying the
 memory; then each new token re-runs only the current segment from the memory that entered it, and a full segment
-is run once more to carry its memory on. A document that starts inside a segment reads a fresh memory, as in
+is run once more to carry its memory on. One compiled function runs every segment, whatever the input length. A document that starts inside a segment reads a fresh memory, as in
 training on packed rows; a prompt that starts exactly at a segment boundary is given a fresh memory explicitly.
 With `full_attention` (memory kind 'none' only) the whole input is one segment: the reference with no window.
 """
@@ -73,10 +73,10 @@ def generate_greedy(model: LM2Model, params, prompts: Sequence[Sequence[int]], *
     sl = slice(seg * S, (seg + 1) * S)
     return forward(params, tokens[:, sl], memory, ids[:, sl])
 
-  seg = (E - 1) // S
   memory = model.init_memory(B)
-  if seg:  # the model's own scan over the segments before the prompt's last one
-    _, memory = forward(params, tokens[:, :seg * S], memory, ids[:, :seg * S])
+  for seg in range((E - 1) // S):  # the segments before the one holding the prompt's last token
+    _, memory = run(seg, memory)
+  seg = (E - 1) // S
   out = [[] for _ in range(B)]
   done = np.zeros(B, bool)
   for t in range(max_new_tokens):
