@@ -2,7 +2,7 @@ r"""BABILong benchmark: trains each memory kind of configs/babilong.py with the 
 answers by task and length.
 
   python -m benchmarks.babilong [--kinds=lm2,hierarchical,rmt,none,full] [--workdir=workdir/babilong]
-      [--lengths=0,1024,2048,4096,8192,16384] [--samples=20] [--steps=N]
+      [--lengths=0,1024,2048,4096,8192,16384] [--samples=20] [--steps=N] [--tasks=qa1] [--curriculum=...]
 
 Each kind trains in WORKDIR/<kind> (resuming from its checkpoints) and is evaluated on the same test samples;
 its results go to WORKDIR/<kind>/babilong_result.json and are reused by a later run with the same steps, lengths
@@ -27,6 +27,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/babilong", "Output directory.
 _LENGTHS = flags.DEFINE_list("lengths", None, "Evaluated lengths in tokens; default: the config's eval.lengths.")
 _SAMPLES = flags.DEFINE_integer("samples", None, "Test samples per task and length; default: eval.samples.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps; default: the config's train.steps.")
+_TASKS = flags.DEFINE_string("tasks", None, "bAbI tasks to train and evaluate (data.tasks), e.g. qa1.")
+_CURRICULUM = flags.DEFINE_string("curriculum", None, "data.curriculum: 'from_sample:lengths ...'.")
 
 
 def _train_seconds(workdir: str, tokens_per_step: int) -> float:
@@ -48,6 +50,8 @@ def main(argv):
     if _STEPS.value:
       config.train.steps = _STEPS.value
       config.train.warmup_steps = min(config.train.warmup_steps, _STEPS.value // 10)
+    config.data.tasks = _TASKS.value or config.data.tasks
+    config.data.curriculum = _CURRICULUM.value or config.data.curriculum
     lengths = [int(n) for n in (_LENGTHS.value or config.eval.lengths.split(","))]
     samples = _SAMPLES.value or config.eval.samples
     workdir = os.path.join(_WORKDIR.value, kind)
@@ -55,7 +59,8 @@ def main(argv):
     if os.path.exists(cached):
       with open(cached) as f:
         saved = json.load(f)
-      if (saved["budget"]["steps"], saved["lengths"], saved["samples"]) == (config.train.steps, lengths, samples):
+      key = (config.train.steps, lengths, samples, config.data.tasks, config.data.curriculum)
+      if (saved["budget"]["steps"], saved["lengths"], saved["samples"], saved["tasks"], saved["curriculum"]) == key:
         models[kind], budget[kind] = saved["result"], saved["budget"]
         print(f"== {kind}: results of {cached}", flush=True)
         continue
@@ -70,9 +75,10 @@ def main(argv):
                     "train_s": round(_train_seconds(workdir, tokens_per_step), 1),
                     "eval_s": round(time.time() - t0, 1), "parameters": count_params(setup.model)["total"]}
     with open(cached, "w") as f:
-      json.dump({"result": models[kind], "budget": budget[kind], "lengths": lengths, "samples": samples}, f)
+      json.dump({"result": models[kind], "budget": budget[kind], "lengths": lengths, "samples": samples,
+                 "tasks": config.data.tasks, "curriculum": config.data.curriculum}, f)
     print(f"{kind}: {budget[kind]}", flush=True)
-  tasks = babilong_tasks(family.get_config(_KINDS.value[0]))
+  tasks = babilong_tasks(config)
   table = write_report(models, tasks, lengths, os.path.join(_WORKDIR.value, "babilong"),
                        extra={"budget": budget, "samples": samples})
   print(f"\nBABILong accuracy (%), {samples} test samples per task and length\n{table}")
