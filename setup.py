@@ -31,6 +31,6 @@ setup(
         # Hugging Face interop is torch-free; these are for checking it against `transformers`.
         "torch": ["torch", "transformers>=4.45"],
         # torch is capped at the CPU build this project's machines carry; newer releases work too.
-        "test": ["pytest", "torch<2.14", "transformers>=4.45"],
+        "test": ["pytest", "pytest-xdist", "torch<2.14", "transformers>=4.45"],
     },
 )
