@@ -5,13 +5,13 @@ answers by task and length.
       [--lengths=0,1024,2048,4096,8192,16384] [--samples=20] [--steps=N] [--tasks=qa1] [--curriculum=...]
 
 Each kind trains in WORKDIR/<kind> (resuming from its checkpoints) and is evaluated on the same test samples;
-its results go to WORKDIR/<kind>/babilong_result.json and are reused by a later run with the same steps, lengths
-and samples (so kinds can be run in separate processes, then gathered by a run over all of them). Prints the
+its results go to WORKDIR/<kind>/babilong_result.json and are reused by a later run with the same steps, lengths,
+samples, tasks and curriculum (so kinds can be run in separate processes, then gathered by a run over all of
+them). A workdir trained on other tasks or another curriculum is refused: use a new --workdir. Prints the
 table in the layout of LM2's Table 1 and writes WORKDIR/babilong.{json,md,png}.
 """
 
 import json
-
 import os
 import time
 
@@ -20,6 +20,7 @@ from absl import app, flags
 from configs import babilong as family
 from lm2_jax.evaluate.babilong import babilong_results, babilong_tasks, write_report
 from lm2_jax.model import count_params
+from lm2_jax.model.config import ConfigError
 from lm2_jax.train import trainer
 
 _KINDS = flags.DEFINE_list("kinds", list(family.KINDS), "Configs of the family to train and evaluate.")
@@ -40,6 +41,19 @@ def _train_seconds(workdir: str, tokens_per_step: int) -> float:
         seconds += (row["step"] - last_step) * tokens_per_step / row["tokens_per_s"]
         last_step = row["step"]
   return seconds
+
+
+def _check_same_data(workdir: str, config) -> None:
+  """Refuses to continue (or re-evaluate) a run that was trained on other tasks or another curriculum."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)["data"]
+  for field in ("tasks", "curriculum"):
+    if saved.get(field) != config.data[field]:
+      raise ConfigError(f"--{field}={config.data[field]!r}: {workdir} was trained with data.{field}="
+                        f"{saved.get(field)!r}; pass the same, or a new --workdir")
 
 
 def main(argv):
@@ -64,6 +78,7 @@ def main(argv):
         models[kind], budget[kind] = saved["result"], saved["budget"]
         print(f"== {kind}: results of {cached}", flush=True)
         continue
+    _check_same_data(workdir, config)
     print(f"== {kind}: training {config.train.steps} steps of {config.train.batch_size} x {config.train.seq_len} "
           f"tokens in {workdir}", flush=True)
     state = trainer.train(config, workdir)

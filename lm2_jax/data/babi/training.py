@@ -3,7 +3,7 @@
 A sample is encoded as one document: `[bos] context question " Answer:"` (the prompt) then `" answer." [eos]`
 (the target); only the target's tokens carry loss. Evaluation feeds the prompt and generates the target.
 
-    tok = ensure_tokenizer("workdir/babilong/spm.model", vocab_size=1024)   # trains it offline if missing
+    tok = ensure_tokenizer("workdir/babilong/spm.model", vocab_size=768)   # trains it offline if missing
     source = BabilongSource(tok, tasks=("qa1", "qa2"), curriculum=parse_curriculum("0:0 5000:0,512"), seed=0)
     source[i]  # {'tokens': int32 [n], 'loss_mask': bool [n]}: sample i, a pure function of (seed, i)
 
