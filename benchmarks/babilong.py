@@ -18,7 +18,8 @@ import time
 from absl import app, flags
 
 from configs import babilong as family
-from lm2_jax.evaluate.babilong import babilong_results, babilong_tasks, write_report
+from lm2_jax.data.pipeline import babilong_tasks
+from lm2_jax.evaluate.babilong import babilong_results, write_report
 from lm2_jax.model import count_params
 from lm2_jax.model.config import ConfigError
 from lm2_jax.train import trainer

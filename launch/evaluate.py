@@ -19,8 +19,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm2_jax.data import recall
-from lm2_jax.data.pipeline import make_batches
-from lm2_jax.evaluate.babilong import babilong_results, babilong_tasks, write_report
+from lm2_jax.data.pipeline import babilong_tasks, make_batches
+from lm2_jax.evaluate.babilong import babilong_results, write_report
 from lm2_jax.evaluate.language_model import stream_metrics
 from lm2_jax.evaluate.recall import recall_accuracy
 from lm2_jax.model.config import ConfigError

@@ -30,8 +30,7 @@ _MAX_ID = 2**30
 
 class PackedStreams(grain.IterDataset):
   """`docs`: a MapDataset (random access, may be endless) of documents (token arrays or dicts with 'tokens' and
-  'loss_mask'); `num_docs`: documents in one
-  pass over it (to detect a source of only empty documents)."""
+  'loss_mask'); `num_docs`: documents in one pass over it (to detect a source of only empty documents)."""
 
   def __init__(self, docs: grain.MapDataset, *, batch_size: int, seq_len: int, num_docs: int, num_threads: int = 2,
                prefetch: int = 32):

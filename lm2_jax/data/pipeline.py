@@ -109,9 +109,14 @@ def babilong_distractor(data_cfg, split: str = "train"):
   return TextFolder(spec)
 
 
+def babilong_tasks(config) -> list[str]:
+  """The bAbI tasks `config.data.tasks` names (comma-separated)."""
+  return [t.strip() for t in config.data.tasks.split(",") if t.strip()]
+
+
 def babilong_source(config, split: str = "train") -> BabilongSource:
   d = config.data
-  return BabilongSource(babilong_tokenizer(config), tasks=[t.strip() for t in d.tasks.split(",") if t.strip()],
+  return BabilongSource(babilong_tokenizer(config), tasks=babilong_tasks(config),
                         curriculum=parse_curriculum(d.curriculum), seed=d.seed, split=split,
                         distractor=babilong_distractor(d, split))
 

@@ -52,6 +52,10 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return list(self._sp.EncodeAsIds(text))
 
+  def count(self, text: str) -> int:
+    """How many tokens `text` encodes to (a length measure for BABILong samples)."""
+    return len(self._sp.EncodeAsIds(text))
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.DecodeIds([int(i) for i in ids])
 

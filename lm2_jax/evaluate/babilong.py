@@ -27,6 +27,7 @@ import numpy as np
 
 from lm2_jax.data.babi.babilong import babilong_correct, make_samples
 from lm2_jax.data.babi.training import encode_prompt
+from lm2_jax.data.pipeline import babilong_distractor, babilong_tasks, babilong_tokenizer
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
@@ -37,9 +38,14 @@ _FULL_ATTENTION_ROUND = 256  # full-attention inputs are padded to a multiple of
 
 @functools.lru_cache(maxsize=16)
 def _forward(model_config):
-  """jit (params, tokens, memory, segment_ids) -> (logits, memory), one per model config (compiled per shape)."""
+  """jit (params, tokens, memory, segment_ids, reset_B) -> (logits, memory after the tokens), one per model
+  config (compiled per shape); rows flagged in `reset_B` start from a fresh memory."""
   model = LM2Model(model_config)
-  return jax.jit(lambda p, t, m, i: model.apply({"params": p}, t, m, segment_ids=i)[:2])
+
+  def forward(params, tokens, memory, ids, reset_B):
+    return model.apply({"params": params}, tokens, model.reset_memory(memory, reset_B), segment_ids=ids)[:2]
+
+  return jax.jit(forward)
 
 
 def generate_greedy(model: LM2Model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -69,9 +75,8 @@ def generate_greedy(model: LM2Model, params, prompts: Sequence[Sequence[int]], *
 
   def run(seg: int, memory):
     """Segment `seg` from the memory that entered it -> (logits [B, S, V], memory after it)."""
-    memory = model.reset_memory(memory, jnp.asarray(start_B == seg * S))
     sl = slice(seg * S, (seg + 1) * S)
-    return forward(params, tokens[:, sl], memory, ids[:, sl])
+    return forward(params, tokens[:, sl], memory, ids[:, sl], start_B == seg * S)
 
   memory = model.init_memory(B)
   for seg in range((E - 1) // S):  # the segments before the one holding the prompt's last token
@@ -110,7 +115,6 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
   {'accuracy': {task: {str(length): float | None}}, 'examples': {task: {str(length): first answer}},
   'seconds': {str(length): wall time}}.
   """
-  count = lambda text: len(tok.encode(text))
   stop = _stopper(tok)
   results = {"accuracy": {t: {} for t in tasks}, "examples": {t: {} for t in tasks}, "seconds": {}}
   for length in lengths:
@@ -120,7 +124,7 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
         results["accuracy"][task][str(length)] = None
         continue
       samples = make_samples(task, num_samples, length, seed=seed, split="test", distractor=distractor,
-                             count_tokens=count)
+                             count_tokens=tok.count)
       correct = 0
       for i in range(0, num_samples, batch_size):
         chunk = samples[i:i + batch_size]
@@ -139,15 +143,10 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
   return results
 
 
-def babilong_tasks(config) -> list[str]:
-  return [t.strip() for t in config.data.tasks.split(",") if t.strip()]
-
-
 def babilong_results(config, model: LM2Model, params, lengths: Sequence[int], samples: int,
                      log: Callable[[str], None] = print) -> dict:
   """`babilong_accuracy` of a trained model on the tasks, seed and distractor of `config.data`, under the
   generation settings of `config.eval`."""
-  from lm2_jax.data.pipeline import babilong_distractor, babilong_tokenizer  # local: imports more than needed here
   e, d = config.eval, config.data
   return babilong_accuracy(model, params, babilong_tokenizer(config), tasks=babilong_tasks(config), lengths=lengths,
                            num_samples=samples, seed=d.seed, batch_size=e.batch_size,

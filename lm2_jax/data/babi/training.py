@@ -80,7 +80,6 @@ class BabilongSource:
                         f"{sorted(TASKS)}, comma-separated")
     self.tok, self.tasks, self.curriculum, self.seed, self.split = tok, tasks, tuple(curriculum), seed, split
     self.distractor = distractor
-    self._count = lambda text: len(tok.encode(text))
 
   def __len__(self) -> int:
     return _UNBOUNDED
@@ -93,11 +92,11 @@ class BabilongSource:
     babi = sample(task, self.seed, self.split, index // len(self.tasks))
     target = int(lengths[rng.integers(len(lengths))])
     if target:
-      target = max(target, self._count(" ".join(babi["story"] + [babi["question"]])) + 1)
+      target = max(target, self.tok.count(" ".join(babi["story"] + [babi["question"]])) + 1)
     try:
-      long = make_sample(babi, target, self.distractor, rng, self._count)
+      long = make_sample(babi, target, self.distractor, rng, self.tok.count)
     except RuntimeError:  # no whole-sentence fill within 2%: for training, 10% is as good
-      long = make_sample(babi, target, self.distractor, rng, self._count, tolerance=0.1)
+      long = make_sample(babi, target, self.distractor, rng, self.tok.count, tolerance=0.1)
     return encode_sample(self.tok, long)
 
 
