@@ -23,8 +23,7 @@ def _module(**fields):
   m = cfg.memory
   state["bank_slots"] = jax.random.normal(jax.random.key(1), state["bank_slots"].shape)
   state["bank_read_mass"] = jax.random.uniform(jax.random.key(2), state["bank_read_mass"].shape)
-  read_then_write = lambda mod, state, h: mod.write(state, h, mod.read(state, h)[1])
-  params = nn.unbox(mem.init(jax.random.key(3), state, h, method=read_then_write))
+  params = nn.unbox(mem.init(jax.random.key(3), state, h, method=HierarchicalMemory.step))
   params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(4), p.shape), params)  # no zero biases
   return cfg, m, mem, params, state, h
 
@@ -91,8 +90,8 @@ def test_deep_read_matches_attention_over_the_chosen_banks(capacity_factor):
 def test_write_replaces_the_least_read_slots_of_the_routed_bank():
   cfg, m, mem, params, state, h = _module(num_banks=3, top_k=1, bank_slots=4, write_tokens=3)
   p = params["params"]
-  delta, stats = mem.apply(params, state, h, method=HierarchicalMemory.read)
-  new = mem.apply(params, state, h, stats, method=HierarchicalMemory.write)
+  out, new = mem.apply(params, state, h, method=HierarchicalMemory.step)
+  stats = out.stats
   x = _np(h) + np.concatenate([np.zeros_like(_np(h)[:, :1]), _np(h)[:, :-1]], axis=1)  # token shift
   salience = x @ _np(p["salience"]["kernel"])[:, 0] + float(p["salience"]["bias"][0])
   first_bank = np.argmax(_routing_scores(m, p, x), axis=-1)
@@ -113,12 +112,13 @@ def test_write_replaces_the_least_read_slots_of_the_routed_bank():
 
 def test_skip_threshold_drops_the_deep_read_and_reports_it():
   cfg, m, mem, params, state, h = _module()
-  general, _ = mem.apply(params, state["general"], h, method=lambda mod, s, x: mod.general.read(s, x))
+  general = mem.apply(params, state["general"], h, method=lambda mod, s, x: mod.general.read(s, x)).residual_BLD
   cfg_skip, m_skip, mem_skip, *_ = _module(skip_threshold=0.999)
-  delta, stats = mem_skip.apply(params, state, h, method=HierarchicalMemory.read)
+  out = mem_skip.apply(params, state, h, method=HierarchicalMemory.read)
+  delta, stats = out.residual_BLD, out.stats
   np.testing.assert_allclose(delta, general, atol=1e-6)
   assert float(stats["deep_tokens"].max()) == 0 and float(stats["deep_banks"].max()) == 0
-  _, stats = mem.apply(params, state, h, method=HierarchicalMemory.read)
+  stats = mem.apply(params, state, h, method=HierarchicalMemory.read).stats
   np.testing.assert_allclose(stats["deep_tokens"], 1.0)
   assert 0 < float(stats["deep_banks"].min()) <= 1
 
@@ -127,16 +127,16 @@ def test_balance_loss_is_one_for_uniform_routing_and_larger_when_collapsed():
   cfg, m, mem, params, state, h = _module(num_banks=6, top_k=1, balance_loss_weight=1.0)
   uniform = jax.tree.map(lambda x: x, params)
   uniform["params"]["route_proj"]["kernel"] = jnp.zeros_like(params["params"]["route_proj"]["kernel"])
-  _, stats = mem.apply(uniform, state, h, method=HierarchicalMemory.read)
-  np.testing.assert_allclose(stats["loss_balance"], 1.0, rtol=1e-5)  # P = 1/K everywhere: K * sum f/K = 1
+  losses = mem.apply(uniform, state, h, method=HierarchicalMemory.read).losses
+  np.testing.assert_allclose(losses["balance"], 1.0, rtol=1e-5)  # P = 1/K everywhere: K * sum f/K = 1
   collapsed = jax.tree.map(lambda x: x, params)
   keys = np.zeros(params["params"]["bank_keys"].shape, np.float32)
   keys[0] = 10.0
   collapsed["params"]["bank_keys"] = jnp.asarray(keys)
   collapsed["params"]["route_proj"]["kernel"] = jnp.ones_like(params["params"]["route_proj"]["kernel"])
   h_pos = jnp.abs(h)
-  _, stats = mem.apply(collapsed, state, h_pos, method=HierarchicalMemory.read)
-  assert float(stats["loss_balance"].min()) > 5.0  # every token on bank 0: K * 1 * P_0 ~ K
+  losses = mem.apply(collapsed, state, h_pos, method=HierarchicalMemory.read).losses
+  assert float(losses["balance"].min()) > 5.0  # every token on bank 0: K * 1 * P_0 ~ K
 
 
 def test_gradients_reach_every_parameter_and_balance_loss_enters_aux():

@@ -54,15 +54,14 @@ def test_read_and_write_match_the_equations():
   h = np.asarray(jax.random.normal(jax.random.key(0), (B, L, cfg.d_model)))
   state = {"slots": np.asarray(jax.random.normal(jax.random.key(1), (B, 5, cfg.d_model))),
            "read_mass": np.asarray(jax.random.uniform(jax.random.key(2), (B, 5)))}
-  read_then_write = lambda m, state, h: m.write(state, h, m.read(state, h)[1])
-  fresh = nn.unbox(mem.init(jax.random.key(3), state, h, method=read_then_write))["params"]
+  fresh = nn.unbox(mem.init(jax.random.key(3), state, h, method=LM2Memory.step))["params"]
   np.testing.assert_array_equal(fresh["forget_gate"]["bias"], 1.0)  # b_f starts at +1
   np.testing.assert_array_equal(fresh["in_gate"]["bias"], 0.0)      # b_in starts at 0
   leaves, treedef = jax.tree.flatten(fresh)  # perturb every parameter, biases included
   keys = jax.random.split(jax.random.key(4), len(leaves))
   params = {"params": treedef.unflatten([a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])}
-  delta, stats = mem.apply(params, state, h, method=LM2Memory.read)
-  new_state = mem.apply(params, state, h, stats, method=LM2Memory.write)
+  out, new_state = mem.apply(params, state, h, method=LM2Memory.step)  # read and write in one call
+  delta = out.residual_BLD
   for b in range(B):
     want_delta, want_slots, want_mass = _reference(params["params"], state["slots"][b], h[b], 2, 0.9,
                                                    state["read_mass"][b])

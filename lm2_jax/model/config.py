@@ -11,11 +11,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ROPE_TYPES = ("default", "llama3")
+ATTENTION_KERNELS = {"xla": None, "cudnn": "gpu", "splash": "tpu"}  # kernel -> the JAX backend it needs
 
 
 class ConfigError(ValueError):
@@ -79,6 +81,7 @@ class ModelConfig:
   scan_layers: bool
   remat_policy: str
   memory: Any  # the memory kind's own frozen config (see lm2_jax.model.memory)
+  attention_kernel: str = "xla"
 
   @property
   def head_dim(self) -> int:
@@ -109,7 +112,7 @@ class ModelConfig:
 
     v = as_dict(cfg, "model")
     known = {f.name for f in dataclasses.fields(cls)}
-    check_fields(v, known, "model")
+    check_fields(v, known, "model", required=known - {"attention_kernel"})
 
     ints = {n: positive_int(v, n, "model") for n in
             ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "segment_len")}
@@ -132,10 +135,16 @@ class ModelConfig:
     for b in ("tie_embeddings", "scan_layers"):
       check(isinstance(v[b], bool), f"model.{b}", v[b], "must be True or False")
 
+    kernel = v.get("attention_kernel", "xla")
+    check(kernel in ATTENTION_KERNELS, "model.attention_kernel", kernel, f"use one of {sorted(ATTENTION_KERNELS)}")
+    needs, backend = ATTENTION_KERNELS[kernel], jax.default_backend()
+    check(needs is None or backend == needs, "model.attention_kernel", kernel,
+          f"the {kernel!r} kernel runs on {str(needs).upper()} only and this process's JAX backend is {backend!r}; "
+          "use 'xla' here (the kernels compute the same attention)")
     memory = memory_lib.parse_config(v["memory"], num_layers=ints["num_layers"], d_model=ints["d_model"])
     return cls(**ints, bptt_segments=bptt, rope_theta=float(theta), rope_scaling=_rope_scaling(v["rope_scaling"]),
                tie_embeddings=v["tie_embeddings"], norm_eps=float(eps), dtype=v["dtype"],
-               scan_layers=v["scan_layers"], remat_policy=v["remat_policy"], memory=memory)
+               scan_layers=v["scan_layers"], remat_policy=v["remat_policy"], memory=memory, attention_kernel=kernel)
 
 
 def _rope_scaling(value: Any) -> RopeScaling | None:
@@ -175,6 +184,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"          # compute dtype; parameters stay float32
   m.scan_layers = True
   m.remat_policy = "none"      # none | full | dots | dots_with_no_batch_dims
+  m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
   m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder)

@@ -18,10 +18,16 @@ memory, `reset_memory`, for rows that start a new document). Tokens of that docu
 document that starts inside the segment read a fresh memory instead. After the segment, the memory is written
 from the tokens of the segment's last document only, starting from a fresh memory if that document is new.
 
-A model-level memory kind (`rmt`: memory tokens) is not placed in layers: the layers run on the segment with
-its memory tokens around it (`[read ; segment ; write]`, lm2_jax.model.memory.rmt), whose outputs at the write
-positions are the next memory. The document rules are the same, except that a document starting inside a
-segment (not its first) reads no memory there (the memory tokens are the first document's).
+A memory kind sits in layers or around the layer stack (DESIGN section 4, lm2_jax.model.memory.protocol). A
+layer kind is called in each of its layers, `out, new_state = memory(state, h_BLD, docs)`, beside self-attention:
+its residual is added to the stream and its extra keys/values are attended to. A segment kind (`rmt`: memory
+tokens) runs the layers itself: `y, new_state, stats = memory(state, x_BLD, docs, run_layers)`. The document
+rules are shared (`Documents`); a segment kind applies them to its own tokens.
+
+Cached decoding (`cache=` in `__call__`, `init_cache`, `extend`): the keys/values of the current segment are kept
+per layer ({'k', 'v': [layers, B, C, kv_heads, head_dim]}, C = prefix + segment_len); new tokens are appended at
+per-row positions and read the memory that entered the segment without writing it. The caller writes the memory
+by running the full segment once it is complete (lm2_jax.sessions.decoding), exactly as the recurrence above.
 
 Layers: consecutive layers of the same kind (with or without memory) form a group; with `scan_layers` each group
 is one `nn.scan` over a stacked `layers` axis (params `decoder/layers_{start}_{stop}`), otherwise each layer
@@ -37,9 +43,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import flax
+
 from lm2_jax.model import memory as memory_lib
 from lm2_jax.model.config import ConfigError, ModelConfig
 from lm2_jax.model.layers import INIT_STD, MLP, Attention, RMSNorm, dense, rope_tables
+from lm2_jax.model.memory.protocol import Documents, select_rows
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
@@ -76,62 +85,44 @@ def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
   return groups
 
 
-def document_masks(ids_BL, mem_doc_B):
-  """Masks of one segment from its document ids [B, L] and the document that owns the entering memory [B].
-
-  attn_B1LL: query and key in the same document (causality is added by the attention);
-  read_BL:   tokens of the memory's document, which read the carried memory (the others read a fresh one);
-  write_BL:  tokens of the segment's last document, the only ones written into the memory;
-  reset_B:   the last document is not the memory's, so the write starts from a fresh memory.
-  """
-  last_B = ids_BL[:, -1]
-  return {"attn_B1LL": (ids_BL[:, :, None] == ids_BL[:, None, :])[:, None],
-          "read_BL": ids_BL == mem_doc_B[:, None],
-          "write_BL": ids_BL == last_B[:, None],
-          "reset_B": last_B != mem_doc_B}
-
-
-def select_rows(rows_B, a, b, batch_axis: int = 0):
-  """Per batch row: a where rows_B, else b (pytrees of arrays with a batch axis at `batch_axis`)."""
-  def one(x, y):
-    shape = [1] * x.ndim
-    shape[batch_axis] = -1
-    return jnp.where(rows_B.reshape(shape), x, y)
-  return jax.tree.map(one, a, b)
+@flax.struct.dataclass
+class LayerContext:
+  """What every layer of a segment shares: rotary tables ([X, E], or [B, X, E] with a cache), the document
+  masks (or None), and with a cache the per-row position of the first new token in it."""
+  cos: jax.Array
+  sin: jax.Array
+  docs: Documents | None = None
+  cache_index_B: jax.Array | None = None
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm Llama layer; the memory read is added beside self-attention, and the memory written after.
+  """Pre-norm Llama layer; a layer memory reads (and writes) beside self-attention.
 
-  `docs` is None (one document per row) or the segment's `document_masks`."""
+  (x_BLD, (memory state, cache), ctx) -> (y_BLD, (new state, stats, losses, new cache)). With a cache the memory
+  is read, not written."""
   cfg: ModelConfig
   has_memory: bool
 
   @nn.compact
-  def __call__(self, x_BLD, mem_state, cos_LE, sin_LE, docs):
+  def __call__(self, x_BLD, per_layer, ctx: LayerContext):
     c = self.cfg
+    mem_state, cache = per_layer
     h_BLD = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BLD)
-    attn_mask = None if docs is None else docs["attn_B1LL"]
-    y_BLD = x_BLD + Attention(c, name="attn")(h_BLD, cos_LE, sin_LE, attn_mask)
-    stats = None
+    out = memory_lib.MemoryOut()
     if self.has_memory:
-      kind = memory_lib.module_class(c.memory)
-      memory = kind(c, name="memory")
-      if docs is None:
-        delta_BLD, stats = memory.read(mem_state, h_BLD)
-        mem_state = memory.write(mem_state, h_BLD, stats)
+      memory = memory_lib.module_class(c.memory)(c, name="memory")
+      if cache is None:
+        out, mem_state = memory(mem_state, h_BLD, ctx.docs)
       else:
-        fresh = kind.init_state(c.memory, x_BLD.shape[0])
-        read_BL, reset_B = docs["read_BL"], docs["reset_B"]
-        delta_BLD, stats = memory.read(mem_state, h_BLD, read_BL)
-        fresh_delta_BLD, fresh_stats = memory.read(fresh, h_BLD, ~read_BL)
-        delta_BLD = jnp.where(read_BL[..., None], delta_BLD, fresh_delta_BLD)
-        mem_state = memory.write(select_rows(reset_B, fresh, mem_state), h_BLD,
-                                 select_rows(reset_B, fresh_stats, stats), docs["write_BL"])
-      y_BLD = y_BLD + delta_BLD
+        out = memory.read_only(mem_state, h_BLD)
+    ids_BL = None if ctx.docs is None else ctx.docs.ids_BL
+    attn_BLD, cache = Attention(c, name="attn")(h_BLD, ctx.cos, ctx.sin, ids_BL, out.kv, cache, ctx.cache_index_B)
+    y_BLD = x_BLD + attn_BLD
+    if out.residual_BLD is not None:
+      y_BLD = y_BLD + out.residual_BLD
     y_BLD = y_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(y_BLD))
     y_BLD = nn.with_logical_constraint(y_BLD.astype(c.dtype), ("batch", "length", "embed"))
-    return y_BLD, (mem_state, stats)
+    return y_BLD, (mem_state, out.stats, out.losses, cache)
 
 
 def _layer_class(cfg: ModelConfig, scanned: bool):
@@ -149,21 +140,29 @@ def _concat(trees):
 
 
 def memory_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-  """Logical axis names of each memory array: ('layers', *the kind's state axes), or the kind's state axes for a
-  model-level kind."""
-  if cfg.memory.kind == "none":
+  """Logical axis names of each memory array: ('layers', *the kind's state axes) for a layer kind, the kind's
+  state axes for a segment kind."""
+  where = memory_lib.placement(cfg.memory)
+  if where is None:
     return {}
   axes = memory_lib.module_class(cfg.memory).state_axes(cfg.memory)
-  if memory_lib.is_model_level(cfg.memory):
+  if where == "segment":
     return axes
   return jax.tree.map(lambda a: ("layers", *a), axes, is_leaf=lambda a: isinstance(a, tuple))
 
 
 def positions(cfg: ModelConfig, L: int) -> jax.Array:
-  """Rotary positions of what the layers process for a segment of L tokens (with a model-level memory's tokens)."""
-  if memory_lib.is_model_level(cfg.memory):
+  """Rotary positions of what the layers process for a segment of L tokens (with a segment kind's tokens)."""
+  if memory_lib.placement(cfg.memory) == "segment":
     return memory_lib.module_class(cfg.memory).positions(cfg.memory, L)
   return jnp.arange(L)
+
+
+def prefix_len(cfg: ModelConfig) -> int:
+  """How many positions stand before a segment's tokens in cached decoding (a segment kind's prefix)."""
+  if memory_lib.placement(cfg.memory) != "segment":
+    return 0
+  return memory_lib.module_class(cfg.memory).prefix_len(cfg.memory)
 
 
 def _pin_memory(memory, cfg: ModelConfig):
@@ -174,70 +173,79 @@ class SegmentDecoder(nn.Module):
   """All decoder layers on one segment.
 
   (memory, segment index, memory's document [B]), (x_BLD, ids_BL) -> (memory', index + 1, document'),
-  (y_BLD, stats). `ids_BL` is None when the rows are single documents. `cos_XE`, `sin_XE`: rotary tables of the
-  positions the layers process (`positions`)."""
+  (y_BLD, stats, losses). `ids_BL` is None when the rows are single documents.
+
+  With `cache` (cached decoding, see LM2Model): x_BLD are new tokens at per-row positions `cache_index_B` of the
+  current segment, or (cache_index_B None) a segment kind's prefix is written at the start of the cache; the
+  memory is read, not written; the outputs are (y_BLD, new cache)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, inputs, cos_XE, sin_XE):
+  def __call__(self, carry, inputs, cache=None, cache_index_B=None):
     c = self.cfg
     memory, seg, mem_doc_B = carry
     x_BLD, ids_BL = inputs
-    docs = None if ids_BL is None else document_masks(ids_BL, mem_doc_B)
+    kind = memory_lib.module_class(c.memory) if c.memory.kind != "none" else None
+    segment_kind = kind(c, name="memory") if memory_lib.placement(c.memory) == "segment" else None
+    if cache is not None:
+      return carry, self._cached(memory, x_BLD, segment_kind, cache, cache_index_B)
+
+    docs = None if ids_BL is None else Documents.make(ids_BL, mem_doc_B)
     cut = (seg % c.bptt_segments == 0) if c.bptt_segments else (seg == 0)
     # The carried memory keeps its logical sharding through every segment (batch over data x fsdp).
     memory = _pin_memory(memory, c)
     memory = jax.tree.map(lambda m: jnp.where(cut, jax.lax.stop_gradient(m), m), memory)
-    if memory_lib.is_model_level(c.memory):
-      y_BLD, new_memory = self._with_memory_tokens(memory, x_BLD, ids_BL, mem_doc_B, docs, cos_XE, sin_XE)
-      stats = {}
+    cos, sin = rope_tables(c, positions(c, x_BLD.shape[1]))
+    if segment_kind is not None:
+      run = lambda x_BXD, docs: self._layers(x_BXD, {}, LayerContext(cos, sin, docs))[0]
+      y_BLD, new_memory, stats = segment_kind(memory, x_BLD, docs, run)
+      losses = {}
     else:
-      y_BLD, new_memory, stats = self._layers(x_BLD, memory, cos_XE, sin_XE, docs)
+      y_BLD, new_memory, stats, losses, _ = self._layers(x_BLD, memory, LayerContext(cos, sin, docs))
     next_doc_B = mem_doc_B if ids_BL is None else ids_BL[:, -1]
-    return (_pin_memory(new_memory, c), seg + 1, next_doc_B), (y_BLD, stats)
+    return (_pin_memory(new_memory, c), seg + 1, next_doc_B), (y_BLD, stats, losses)
 
-  def _layers(self, x_BLD, memory, cos_LE, sin_LE, docs):
-    """The layer groups on x_BLD -> (y_BLD, new per-layer memory, per-layer read statistics)."""
+  def _cached(self, memory, x_BLD, segment_kind, cache, cache_index_B):
     c = self.cfg
-    new_memory, stats = [], []
+    P = prefix_len(c)
+    if cache_index_B is None:  # the prefix, at the start of the cache
+      x_BLD = segment_kind.prefix(memory).astype(c.dtype)
+      cache_index_B = jnp.zeros((x_BLD.shape[0],), jnp.int32)
+    else:
+      cache_index_B = cache_index_B + P
+    cos, sin = rope_tables(c, cache_index_B[:, None] + jnp.arange(x_BLD.shape[1]))
+    layer_memory = {} if segment_kind is not None else memory
+    y_BLD, _, _, _, cache = self._layers(x_BLD, layer_memory, LayerContext(cos, sin, None, cache_index_B), cache)
+    return y_BLD, cache
+
+  def _layers(self, x_BLD, memory, ctx: LayerContext, cache=None):
+    """The layer groups on x_BLD -> (y_BLD, new per-layer memory, per-layer stats, per-layer losses, cache)."""
+    c = self.cfg
+    outs = {"memory": [], "stats": [], "losses": [], "cache": []}
     for g in layer_groups(c):
       states = _take(memory, g.mem_start, g.mem_start + g.size) if g.has_memory else None
+      g_cache = None if cache is None else _take(cache, g.start, g.stop)
       if c.scan_layers:
-        scanned = nn.scan(_layer_class(c, True), variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=g.size,
+        scanned = nn.scan(_layer_class(c, True), variable_axes={"params": 0},
+                          split_rngs={"params": True, "memory": True}, in_axes=(0, nn.broadcast), length=g.size,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BLD, (g_states, g_stats) = scanned(c, g.has_memory, name=g.scanned_name)(x_BLD, states, cos_LE, sin_LE,
-                                                                                    docs)
+        x_BLD, (g_states, g_stats, g_losses, g_cache) = scanned(c, g.has_memory, name=g.scanned_name)(
+            x_BLD, (states, g_cache), ctx)
       else:
-        outs = []
+        per_layer = []
         for i in range(g.start, g.stop):
-          state = jax.tree.map(lambda a: a[i - g.start], states) if g.has_memory else None
-          x_BLD, out = _layer_class(c, False)(c, g.has_memory, name=f"layer_{i}")(x_BLD, state, cos_LE, sin_LE,
-                                                                                   docs)
-          outs.append(out)
-        g_states, g_stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if g.has_memory else (None, None)
+          one = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i - g.start], tree)
+          x_BLD, out = _layer_class(c, False)(c, g.has_memory, name=f"layer_{i}")(
+              x_BLD, (one(states), one(g_cache)), ctx)
+          per_layer.append(out)
+        g_states, g_stats, g_losses, g_cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
       if g.has_memory:
-        new_memory.append(g_states)
-        stats.append(g_stats)
-    return x_BLD, _concat(new_memory), _concat(stats)
-
-  def _with_memory_tokens(self, memory, x_BLD, ids_BL, mem_doc_B, docs, cos_XE, sin_XE):
-    """Model-level memory: the layers run on [read ; segment ; write] -> (y_BLD, new memory).
-
-    With documents, the read tokens belong to the segment's first document and the write tokens to its last:
-    each holds the carried memory where its document owns it (`docs`), a fresh one where the document is new;
-    attention then follows the document ids of all X positions."""
-    c = self.cfg
-    kind = memory_lib.module_class(c.memory)
-    read, write = memory, memory
-    if docs is not None:
-      fresh = kind.init_state(c.memory, x_BLD.shape[0])
-      read = select_rows(~docs["read_BL"][:, 0], fresh, memory)  # the first document is not the memory's
-      write = select_rows(docs["reset_B"], fresh, memory)
-      docs = document_masks(kind.extended_ids(c.memory, ids_BL), mem_doc_B)
-    tokens = kind(c, name="memory")
-    y_BXD, _, _ = self._layers(tokens.wrap(read, write, x_BLD), {}, cos_XE, sin_XE, docs)
-    return tokens.unwrap(y_BXD)
+        outs["memory"].append(g_states)
+        outs["stats"].append(g_stats)
+        outs["losses"].append(g_losses)
+      outs["cache"].append(g_cache)
+    new_cache = None if cache is None else _concat(outs["cache"])
+    return x_BLD, _concat(outs["memory"]), _concat(outs["stats"]), _concat(outs["losses"]), new_cache
 
 
 class LM2Model(nn.Module):
@@ -253,14 +261,15 @@ class LM2Model(nn.Module):
     super().__post_init__()
 
   def init_memory(self, batch_size: int) -> dict[str, jax.Array]:
-    """A fresh memory state: arrays [num_memory_layers, batch_size, ...] ([batch_size, ...] for a model-level
-    kind: rmt's {'tokens': zeros [batch_size, num_slots, d_model]}, which the model reads as its learned initial
+    """A fresh memory state: arrays [num_memory_layers, batch_size, ...] ([batch_size, ...] for a segment kind:
+    rmt's {'tokens': zeros [batch_size, num_slots, d_model]}, which the model reads as its learned initial
     memory); {} for memory kind 'none'."""
     c = self.config
-    if c.memory.kind == "none":
+    where = memory_lib.placement(c.memory)
+    if where is None:
       return {}
     state = memory_lib.module_class(c.memory).init_state(c.memory, batch_size)
-    if memory_lib.is_model_level(c.memory):
+    if where == "segment":
       return state
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (len(c.memory_layers), *a.shape)), state)
 
@@ -273,8 +282,29 @@ class LM2Model(nn.Module):
     c = self.config
     if c.memory.kind == "none":
       return memory
-    batch_axis = 0 if memory_lib.is_model_level(c.memory) else 1
+    batch_axis = 0 if memory_lib.placement(c.memory) == "segment" else 1
     return select_rows(rows_B, self.init_memory(rows_B.shape[0]), memory, batch_axis=batch_axis)
+
+  def empty_cache(self, batch_size: int) -> dict[str, jax.Array]:
+    """An all-zero cache {'k', 'v': [num_layers, B, prefix + segment_len, kv_heads, head_dim]} (model dtype)."""
+    c = self.config
+    shape = (c.num_layers, batch_size, prefix_len(c) + c.segment_len, c.num_kv_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
+
+  def init_cache(self, memory, batch_size: int):
+    """The cache at the start of a segment: empty, or holding a segment kind's prefix (rmt's read tokens)."""
+    cache = self.empty_cache(batch_size)
+    if memory_lib.placement(self.config.memory) != "segment":
+      return cache
+    tokens = jnp.zeros((batch_size, 0), jnp.int32)
+    return self(tokens, memory, cache=cache, cache_index=None)[2]["cache"]
+
+  def extend(self, tokens_BL, memory, cache, cache_index_B):
+    """Cached decoding: -> (logits_BLV float32, cache'). Row b's L tokens stand at positions cache_index_B[b] ..
+    + L - 1 of the current segment (they must fit in it), after the tokens in `cache`, and read `memory`, the
+    memory that entered the segment."""
+    logits, _, aux = self(tokens_BL, memory, cache=cache, cache_index=cache_index_B)
+    return logits, aux["cache"]
 
   def _check_inputs(self, tokens_BT, memory, segment_ids_BT):
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
@@ -292,48 +322,57 @@ class LM2Model(nn.Module):
           f"{tokens_BT.shape[0]}: expected {expected}, got {got}. Make it with model.init_memory(batch_size).")
 
   @nn.compact
-  def __call__(self, tokens_BT, memory=None, segment_ids=None):
+  def __call__(self, tokens_BT, memory=None, segment_ids=None, *, cache=None, cache_index=None):
     """tokens_BT int [B, T] -> (logits_BTV float32, new memory, aux).
 
     segment_ids: optional int [B, T] document id of each token (packed rows); attention and memory stay
     within a document (module docstring).
 
     aux["memory_stats"]: the memory kind's read statistics averaged over segments (lm2: `read_mass`
-    [num_memory_layers, B, num_slots]; rmt: none); aux["losses"]: the kind's auxiliary losses (scalars, may be
-    empty): a kind returns them among its read statistics as `loss_<name>` [B], already weighted; they are
-    averaged here.
+    [num_memory_layers, B, num_slots]; rmt: none); aux["losses"]: the kind's auxiliary losses (weighted scalars,
+    may be empty), averaged over segments and layers.
+
+    With `cache` (cached decoding; use `extend` and `init_cache`): tokens_BT are new tokens of the current
+    segment at per-row positions `cache_index` [B]; the memory is returned unchanged and aux is {'cache': the
+    updated cache}.
     """
     c = self.config
     B, T = tokens_BT.shape
     if memory is None:
       memory = self.init_memory(B)
-    self._check_inputs(tokens_BT, memory, segment_ids)
-    S = c.num_segments(T)
-    L = T // S
-
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=jnp.float32, name="embed",
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
                                                                  ("vocab", "embed")))
+    if cache is not None:
+      decoder = SegmentDecoder(c, name="decoder")
+      _, (y_BTD, cache) = decoder((memory, jnp.int32(0), jnp.zeros((B,), jnp.int32)), (embed(tokens_BT), None),
+                                  cache=cache, cache_index_B=cache_index)
+      return self._logits(embed, y_BTD), memory, {"cache": cache}
+
+    self._check_inputs(tokens_BT, memory, segment_ids)
+    S = c.num_segments(T)
+    L = T // S
     x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
     x_SBLD = x_BTD.reshape(B, S, L, c.d_model).swapaxes(0, 1)
     ids_BT = None if segment_ids is None else segment_ids.astype(jnp.int32)
     ids_SBL = None if ids_BT is None else ids_BT.reshape(B, S, L).swapaxes(0, 1)
     mem_doc_B = jnp.zeros((B,), jnp.int32) if ids_BT is None else ids_BT[:, 0]
-    cos_XE, sin_XE = rope_tables(c, positions(c, L))
 
-    segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False},
-                       in_axes=(0, nn.broadcast, nn.broadcast), length=S)
-    (memory, _, _), (y_SBLD, stats) = segments(c, name="decoder")(
-        (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL), cos_XE, sin_XE)
+    segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False, "memory": True},
+                       in_axes=0, length=S)
+    (memory, _, _), (y_SBLD, stats, losses) = segments(c, name="decoder")(
+        (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL))
 
     y_BTD = y_SBLD.swapaxes(0, 1).reshape(B, T, c.d_model)
+    aux = {"memory_stats": jax.tree.map(lambda a: a.mean(axis=0), stats),  # [segments, memory layers, B, ...]
+           "losses": {k: v.mean() for k, v in sorted(losses.items())}}
+    return self._logits(embed, y_BTD), memory, aux
+
+  def _logits(self, embed, y_BTD):
+    c = self.config
     y_BTD = RMSNorm(c.norm_eps, c.dtype, name="final_norm")(y_BTD)
     if c.tie_embeddings:
       logits_BTV = embed.attend(y_BTD)
     else:
       logits_BTV = dense(c.vocab_size, ("embed", "vocab"), "lm_head", c.dtype)(y_BTD)
-    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
-    stats = dict(stats)  # [segments, memory layers, B, ...] each; entries named loss_* are auxiliary losses
-    losses = {k.removeprefix("loss_"): stats.pop(k).mean() for k in sorted(stats) if k.startswith("loss_")}
-    aux = {"memory_stats": jax.tree.map(lambda a: a.mean(axis=0), stats), "losses": losses}
-    return logits_BTV, memory, aux
+    return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))

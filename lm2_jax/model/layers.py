@@ -81,40 +81,102 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
   return ((1 - smooth) * inv / scaling.factor + smooth * inv).astype(np.float32)
 
 
-def rope_tables(cfg: ModelConfig, positions_L: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos, sin tables [L, E] for the rotate-half convention (the one Hugging Face Llama weights use)."""
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin tables [..., E] of positions [...] ([L] or [B, L]) for the rotate-half convention (the one Hugging
+  Face Llama weights use)."""
   inv = jnp.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-  angles = positions_L.astype(jnp.float32)[:, None] * inv[None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x_BLHE, cos_LE, sin_LE):
+  """Rotates x by the tables of its positions: [L, E] (shared by the batch) or [B, L, E] (a position per row)."""
   x = x_BLHE.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_LE[None, :, None, :] + rotated * sin_LE[None, :, None, :]
+  cos, sin = (t[None, :, None, :] if t.ndim == 2 else t[:, :, None, :] for t in (cos_LE, sin_LE))
+  out = x * cos + rotated * sin
   return out.astype(x_BLHE.dtype)
 
 
-class Attention(nn.Module):
-  """Causal grouped-query self-attention within a segment (any kv-head count dividing the head count).
+def attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS):
+  """Softmax attention of L queries over S keys with grouped-query heads (H = G * K), where mask_BLS (bool) says
+  which keys each query sees; every query sees at least one key. float32 scores and softmax (the 'xla' kernel)."""
+  B, L, H, E = q_BLHE.shape
+  K = k_BSKE.shape[2]
+  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+  scores = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask_BLS[:, None, None], scores / np.sqrt(E).astype(np.float32), jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(scores, axis=-1).astype(v_BSKE.dtype)
+  return jnp.einsum("bkgls,bske->blkge", p, v_BSKE).reshape(B, L, H, E)
 
-  `mask_B1LL` (optional, bool): which keys each query may see besides causality (tokens of its own document)."""
+
+def fused_causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, kernel: str):
+  """Causal attention within documents by an accelerator kernel: 'cudnn' (jax.nn.dot_product_attention's cuDNN
+  flash attention, GPU) or 'splash' (Pallas splash attention, TPU; document ids as its segment ids)."""
+  if kernel == "cudnn":
+    mask = None if ids_BL is None else (ids_BL[:, :, None] == ids_BL[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, mask=mask, is_causal=True, implementation="cudnn")
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  B, L, H, E = q_BLHE.shape
+  kernel_fn = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((L, L))] * H), head_shards=1, q_seq_shards=1)
+  k_BHLE, v_BHLE = (jnp.repeat(x, H // x.shape[2], axis=2).swapaxes(1, 2) for x in (k_BLKE, v_BLKE))
+  q_BHLE = q_BLHE.swapaxes(1, 2) / np.sqrt(E).astype(q_BLHE.dtype)
+  ids = jnp.zeros((B, L), jnp.int32) if ids_BL is None else ids_BL
+  one = lambda q, k, v, i: kernel_fn(q, k, v, segment_ids=sk.SegmentIds(q=i, kv=i))
+  return jax.vmap(one)(q_BHLE, k_BHLE, v_BHLE, ids).swapaxes(1, 2)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention within a segment (any kv-head count dividing the head count).
+
+  __call__(x_BLD, cos, sin, ids_BL=None, extra=None, cache=None, cache_index_B=None) -> (out_BLD, cache')
+
+  ids_BL:   document id of every token: a query sees keys of its own document only (None: one document);
+  extra:    `ExtraKV` keys/values that the queries see beside the segment's own (memory as context);
+  cache:    {'k', 'v': [B, C, kv_heads, head_dim]}: the keys/values of the current segment so far. The L new
+            tokens of row b go to cache positions cache_index_B[b] + 0..L-1 and see the cache up to their own
+            position (rotary tables `cos`, `sin` then [B, L, E]). Without a cache, keys are the L tokens, causal.
+
+  `model.attention_kernel` picks the kernel of the plain causal case (no cache, no extra keys): 'xla' (`attend`),
+  'cudnn' or 'splash' (`fused_causal_attention`); with a cache or extra keys (decoding, memory as context) the
+  'xla' path runs on every backend.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, cos_LE, sin_LE, mask_B1LL=None):
+  def __call__(self, x_BLD, cos, sin, ids_BL=None, extra=None, cache=None, cache_index_B=None):
     c, dt = self.cfg, self.cfg.dtype
+    B, L, _ = x_BLD.shape
     q_BLHE = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj", dt)(x_BLD)
     k_BLKE = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", dt)(x_BLD)
     v_BLKE = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", dt)(x_BLD)
-    q_BLHE = nn.with_logical_constraint(apply_rope(q_BLHE, cos_LE, sin_LE), ("batch", "length", "heads", "head_dim"))
-    k_BLKE = nn.with_logical_constraint(apply_rope(k_BLKE, cos_LE, sin_LE),
-                                        ("batch", "length", "kv_heads", "head_dim"))
-    out_BLHE = jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, mask=mask_B1LL, is_causal=True)
+    q_BLHE = nn.with_logical_constraint(apply_rope(q_BLHE, cos, sin), ("batch", "length", "heads", "head_dim"))
+    k_BLKE = nn.with_logical_constraint(apply_rope(k_BLKE, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+    if cache is None:
+      k_BSKE, v_BSKE = k_BLKE, v_BLKE
+      mask_BLS = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
+      if ids_BL is not None:
+        mask_BLS = mask_BLS & (ids_BL[:, :, None] == ids_BL[:, None, :])
+    else:
+      put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, 0))
+      cache = {"k": put(cache["k"], k_BLKE, cache_index_B), "v": put(cache["v"], v_BLKE, cache_index_B)}
+      k_BSKE, v_BSKE = cache["k"].astype(dt), cache["v"].astype(dt)
+      query_pos_BL = cache_index_B[:, None] + jnp.arange(L)
+      mask_BLS = jnp.arange(k_BSKE.shape[1])[None, None, :] <= query_pos_BL[:, :, None]
+    if extra is not None:
+      k_BSKE = jnp.concatenate([extra.k_BMKE.astype(dt), k_BSKE], axis=1)
+      v_BSKE = jnp.concatenate([extra.v_BMKE.astype(dt), v_BSKE], axis=1)
+      seen_BLM = (jnp.ones((B, L, extra.k_BMKE.shape[1]), bool) if extra.mask_BLM is None else extra.mask_BLM)
+      mask_BLS = jnp.concatenate([seen_BLM, mask_BLS], axis=-1)
+    if c.attention_kernel != "xla" and cache is None and extra is None:
+      out_BLHE = fused_causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, c.attention_kernel)
+    else:
+      out_BLHE = attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS)
     out_BLHE = nn.with_logical_constraint(out_BLHE, ("batch", "length", "heads", "head_dim"))
-    return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)(out_BLHE)
+    return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)(out_BLHE), cache
 
 
 class MLP(nn.Module):

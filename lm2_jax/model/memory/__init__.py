@@ -1,29 +1,19 @@
 """Memory kinds behind one interface (DESIGN section 4).
 
-A memory kind is a Linen module registered here under its name. It has
+A memory kind is a Linen module registered here under its name, with
 
   Config                      a frozen dataclass with at least `kind` and `layers`, built by `Config.parse`
-  init_state(mcfg, batch)     static: a fresh per-layer state (pytree of float32 arrays, no layer axis)
+  init_state(mcfg, batch)     static: a fresh state (pytree of float32 arrays with a batch axis, no layer axis)
   state_axes(mcfg)            static: the logical axis names of each state array (same pytree structure)
-  read(state, h_BLD, mask_BL=None)
-                              -> (delta_BLD, stats): what the layer adds to the residual stream beside
-                                 self-attention, and per-slot read statistics of this segment, counted over the
-                                 tokens of `mask_BL` (all when None); entries `loss_<name>` [B] are auxiliary
-                                 losses, already weighted, that the trainer adds to the loss
-  write(state, h_BLD, stats, mask_BL=None)
-                              -> state: fold the segment's hidden states (and its read statistics) into the
-                                 memory; only tokens of `mask_BL` (all when None) may be written
+  placement                   'layer' (in every layer of `layers`) or 'segment' (around the layer stack)
 
-The decoder keeps documents apart (lm2_jax.model.decoder): it selects per token between a read of the carried
-and of a fresh state, and per row between writing into the carried or a fresh state.
+and the call of its placement (lm2_jax.model.memory.protocol, DESIGN section 4):
 
-A model-level kind (class attribute `model_level = True`: 'rmt') is not placed in layers but wraps the whole
-layer stack; its state has no layer axis and its config's `layers` is (). Besides init_state and state_axes:
-
-  positions(mcfg, L)          static: rotary positions [X] of the sequence the layers process
-  extended_ids(mcfg, ids_BL)  static: document ids [B, X] of that sequence
-  wrap(read_state, write_state, x_BLD) -> x_BXD: the segment with the memory around it
-  unwrap(y_BXD)               -> (y_BLD, state): the segment's outputs and the new state
+  layer    out, new_state = memory(state, h_BLD, docs): `out.residual_BLD`, `out.kv`, `out.stats`,
+           `out.losses`; kinds subclass `LayerMemory` (document rules shared) and define `step`
+  segment  y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers); `prefix(state)` (what stands
+           before the segment's tokens in cached decoding) and static `positions(mcfg, L)`: the rotary
+           positions of the sequence the layers process; its config's `layers` is ()
 
 Adding a kind is one new file here that defines the module and decorates it with `@register("name")`, plus one
 import line at the bottom of this file.
@@ -35,6 +25,7 @@ import dataclasses
 from typing import Any
 
 from lm2_jax.model.config import as_dict, check
+from lm2_jax.model.memory.protocol import Documents, ExtraKV, LayerMemory, MemoryOut, ReadWriteMemory  # noqa: F401
 
 KINDS: dict[str, type] = {}
 
@@ -92,9 +83,9 @@ def module_class(mcfg) -> type:
   return KINDS[mcfg.kind]
 
 
-def is_model_level(mcfg) -> bool:
-  """Whether the memory kind wraps the whole layer stack (e.g. 'rmt') instead of living in layers."""
-  return mcfg.kind in KINDS and getattr(KINDS[mcfg.kind], "model_level", False)
+def placement(mcfg) -> str | None:
+  """'layer', 'segment' (the kind wraps the whole layer stack, e.g. 'rmt'), or None for kind 'none'."""
+  return KINDS[mcfg.kind].placement if mcfg.kind in KINDS else None
 
 
 from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')

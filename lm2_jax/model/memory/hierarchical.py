@@ -45,6 +45,7 @@ from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
 from lm2_jax.model.layers import dense
 from lm2_jax.model.memory import parse_layers, register
 from lm2_jax.model.memory.lm2 import LM2Memory, LM2MemoryConfig, token_shift
+from lm2_jax.model.memory.protocol import MemoryOut, ReadWriteMemory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,9 @@ def _gather_rows(x_BK, idx_BJ):
 
 
 @register("hierarchical")
-class HierarchicalMemory(nn.Module):
+class HierarchicalMemory(ReadWriteMemory):
+  """step = read then write (module docstring); statistics: the general level's `read_mass`, `bank_read_mass`
+  [B, K, N1], `bank_usage` [B, K], `deep_tokens`, `deep_banks`, `deep_dropped` [B]; loss: `balance`."""
   cfg: ModelConfig
 
   Config = HierarchicalMemoryConfig
@@ -221,10 +224,11 @@ class HierarchicalMemory(nn.Module):
       read_BLRE, mass_BLkN = attend(None)
     return self.o(read_BLRE), mass_BLkN, kept_BA.reshape(B, L, k)
 
-  def read(self, state, h_BLD, mask_BL=None):
+  def read(self, state, h_BLD, mask_BL=None) -> MemoryOut:
     m = self.cfg.memory
     B, L, _ = h_BLD.shape
-    general_BLD, general_stats = self.general.read(state["general"], h_BLD, mask_BL)
+    general = self.general.read(state["general"], h_BLD, mask_BL)
+    general_BLD, general_stats = general.residual_BLD, general.stats
     banks_BLk, w_BLk, probs_BK = self._route(h_BLD)
     gate_BL = nn.sigmoid(self.deep_gate(h_BLD.astype(jnp.float32))[..., 0])
     active_BL = gate_BL >= m.skip_threshold
@@ -248,9 +252,8 @@ class HierarchicalMemory(nn.Module):
              "deep_tokens": jax.lax.stop_gradient((reads_BLk.max(axis=-1)).sum(axis=1) / count_B),
              "deep_banks": jax.lax.stop_gradient((touched_BK > 0).mean(axis=-1)),
              "deep_dropped": jax.lax.stop_gradient(
-                 ((w_tok_BL * active_BL)[..., None] * (1 - kept_BLk)).sum(axis=(1, 2)) / (m.top_k * count_B)),
-             "loss_balance": m.balance_loss_weight * balance_B}
-    return delta_BLD, stats
+                 ((w_tok_BL * active_BL)[..., None] * (1 - kept_BLk)).sum(axis=(1, 2)) / (m.top_k * count_B))}
+    return MemoryOut(residual_BLD=delta_BLD, stats=stats, losses={"balance": m.balance_loss_weight * balance_B.mean()})
 
   def write(self, state, h_BLD, stats, mask_BL=None):
     m = self.cfg.memory

@@ -42,6 +42,7 @@ import numpy as np
 from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
 from lm2_jax.model.layers import RMSNorm, dense
 from lm2_jax.model.memory import parse_layers, register
+from lm2_jax.model.memory.protocol import MemoryOut, ReadWriteMemory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,8 @@ def token_shift(h_BLD, mask_BL=None):
 
 
 @register("lm2")
-class LM2Memory(nn.Module):
+class LM2Memory(ReadWriteMemory):
+  """step = read then write (module docstring); statistics: `read_mass` [B, N] of this segment."""
   cfg: ModelConfig
 
   Config = LM2MemoryConfig
@@ -140,9 +142,9 @@ class LM2Memory(nn.Module):
     scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
     return _pin(scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32), "brln")
 
-  def read(self, state, h_BLD, mask_BL=None):
-    """-> (delta_BLD, {'read_mass': [B, N]}); the mass sums to 1 over slots, averaged over the tokens of
-    `mask_BL` (all tokens when None; 0 where a row has none)."""
+  def read(self, state, h_BLD, mask_BL=None) -> MemoryOut:
+    """-> residual delta_BLD, stats {'read_mass': [B, N]}; the mass sums to 1 over slots, averaged over the
+    tokens of `mask_BL` (all tokens when None; 0 where a row has none)."""
     slots_BNS = state["slots"]
     p_BRLN = jax.nn.softmax(self._scores(slots_BNS, h_BLD), axis=-1)
     v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
@@ -151,7 +153,7 @@ class LM2Memory(nn.Module):
     B, R, L, _ = p_BRLN.shape
     w_BL = jnp.ones((B, L), jnp.float32) if mask_BL is None else mask_BL.astype(jnp.float32)
     mass_BN = jnp.einsum("brln,bl->bn", p_BRLN, w_BL) / (R * jnp.maximum(w_BL.sum(axis=1, keepdims=True), 1.0))
-    return _pin(delta_BLD, "bld"), {"read_mass": jax.lax.stop_gradient(mass_BN)}
+    return MemoryOut(residual_BLD=_pin(delta_BLD, "bld"), stats={"read_mass": jax.lax.stop_gradient(mass_BN)})
 
   def write(self, state, h_BLD, stats, mask_BL=None):
     """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
 from lm2_jax.model.layers import INIT_STD, RMSNorm
 from lm2_jax.model.memory import register
+from lm2_jax.model.memory.protocol import Documents, select_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,13 @@ class RMTMemoryConfig:
 
 @register("rmt")
 class RMTMemory(nn.Module):
-  """The memory tokens around a segment: `wrap` builds the sequence the layers process, `unwrap` takes the
-  segment's outputs and the new state from their outputs."""
+  """Segment memory: `__call__(state, x_BLD, docs, run_layers) -> (y_BLD, new_state, stats)` runs the layers on
+  `wrap`'s [read ; segment ; write] and takes the new state from `unwrap`; cached decoding puts `prefix` (the read
+  tokens) before the segment."""
   cfg: ModelConfig
 
   Config = RMTMemoryConfig
-  model_level = True
+  placement = "segment"
 
   @staticmethod
   def init_state(mcfg: RMTMemoryConfig, batch: int) -> dict[str, jax.Array]:
@@ -84,6 +86,11 @@ class RMTMemory(nn.Module):
   def positions(mcfg: RMTMemoryConfig, L: int) -> jax.Array:
     """Rotary positions [X] of [read ; segment ; write]: 0 .. M + L + M - 1."""
     return jnp.arange(2 * mcfg.num_slots + L)
+
+  @staticmethod
+  def prefix_len(mcfg: RMTMemoryConfig) -> int:
+    """Positions before a segment's tokens in cached decoding: the M read tokens."""
+    return mcfg.num_slots
 
   @staticmethod
   def extended_ids(mcfg: RMTMemoryConfig, ids_BL):
@@ -101,10 +108,27 @@ class RMTMemory(nn.Module):
                                  (c.memory.num_slots, c.d_model), jnp.float32)
     self.write_norm = RMSNorm(c.norm_eps, jnp.float32)
 
+  def __call__(self, state, x_BLD, docs: Documents | None, run_layers):
+    """The document rules (module docstring): the read tokens hold a fresh memory where the segment's first
+    document is not the memory's, the write tokens where its last one is not."""
+    read, write = state, state
+    if docs is not None:
+      fresh = self.init_state(self.cfg.memory, x_BLD.shape[0])
+      read = select_rows(~docs.read_BL[:, 0], fresh, state)
+      write = select_rows(docs.reset_B, fresh, state)
+      ids_BX = self.extended_ids(self.cfg.memory, docs.ids_BL)
+      docs = Documents.make(ids_BX, ids_BX[:, 0])  # the layers read the ids only: no layer memory here
+    y_BLD, new_state = self.unwrap(run_layers(self.wrap(read, write, x_BLD), docs))
+    return y_BLD, new_state, {}
+
+  def prefix(self, state):
+    """x_BMD: what stands before a segment's tokens (positions 0..M-1): the read tokens P + S."""
+    return self.initial_MD[None] + state["tokens"]
+
   def wrap(self, read_state, write_state, x_BLD):
     """-> x_BXD = [P + S_read ; x ; P + S_write]: the read tokens hold `read_state`, the write tokens start from
     `write_state` (both the carried state, or a fresh one for rows where a document starts)."""
-    memory_BMD = lambda state: (self.initial_MD[None] + state["tokens"]).astype(x_BLD.dtype)
+    memory_BMD = lambda state: self.prefix(state).astype(x_BLD.dtype)
     x_BXD = jnp.concatenate([memory_BMD(read_state), x_BLD, memory_BMD(write_state)], axis=1)
     return nn.with_logical_constraint(x_BXD, ("batch", "length", "embed"))
 
