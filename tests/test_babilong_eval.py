@@ -17,7 +17,7 @@ from lm2_jax.data.babi.training import (ANSWER_CUE, BabilongSource, encode_promp
                                         parse_curriculum)
 from lm2_jax.data.packing import PackedStreams
 from lm2_jax.data.pipeline import babilong_distractor
-from lm2_jax.evaluate.babilong import generate_greedy, markdown_table, plot_heatmap
+from lm2_jax.evaluate.babilong import generate_answers, markdown_table, plot_heatmap
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
 from lm2_jax.train import trainer
@@ -92,38 +92,16 @@ def test_packed_documents_keep_their_loss_masks():
   np.testing.assert_array_equal(mask, expected_mask)
 
 
-def _brute_force_greedy(model, params, prompts, max_new_tokens):
-  """Greedy decoding that re-runs the whole left-padded input from a fresh memory for every new token."""
-  S = model.config.segment_len
-  E = max(len(p) for p in prompts)
-  L = -(-(E + max_new_tokens) // S) * S
-  tokens = np.zeros((len(prompts), L), np.int32)
-  ids = np.ones((len(prompts), L), np.int32)
-  for b, p in enumerate(prompts):
-    tokens[b, E - len(p):E] = p
-    ids[b, E - len(p):] = 2
-  apply = jax.jit(lambda t, i: model.apply({"params": params}, t, model.init_memory(len(prompts)), segment_ids=i)[0])
-  out = []
-  for t in range(max_new_tokens):
-    next_B = np.asarray(jnp.argmax(apply(tokens, ids)[:, E - 1 + t], -1))
-    tokens[:, E + t] = next_B
-    out.append(next_B)
-  return np.stack(out, 1).tolist()
-
-
-@pytest.mark.parametrize("kind", ["lm2", "rmt"])
-def test_generation_through_the_recurrence_equals_recomputing_everything(kind):
-  model, params = build(tiny_config(kind))  # segments of 8 tokens
+def test_answers_stop_after_the_first_stop_id():
+  """Generation itself is tested against recomputing everything in test_decoding; here the stop rule."""
+  model, params = build(tiny_config("lm2"))  # segments of 8 tokens
   rng = np.random.default_rng(1)
-  # Prompts ending at position 23 start at 19, 11, 8 (a segment boundary), 0 and 21; 6 new tokens cross into
-  # the next segment.
   prompts = [rng.integers(4, 64, n).tolist() for n in (5, 13, 16, 24, 3)]
-  got = generate_greedy(model, params, prompts, max_new_tokens=6, stop=lambda i: False)
-  assert got == _brute_force_greedy(model, params, prompts, 6)
-  # Each row stops after its first token for which stop() holds.
-  stopped = generate_greedy(model, params, prompts, max_new_tokens=6, stop=lambda i: i in (got[0][2], got[1][0]))
+  got = generate_answers(model, params, prompts, max_new_tokens=6, stop_ids=())
+  stop = (got[0][2], got[1][0])
+  stopped = generate_answers(model, params, prompts, max_new_tokens=6, stop_ids=stop)
   for out, full in zip(stopped, got):
-    cut = [j for j, i in enumerate(full) if i in (got[0][2], got[1][0])]
+    cut = [j for j, i in enumerate(full) if i in stop]
     assert out == (full[:cut[0] + 1] if cut else full)
 
 
@@ -131,7 +109,7 @@ def test_full_attention_equals_one_unpadded_window():
   model, params = build(tiny_config("none"))  # window: 8 tokens
   rng = np.random.default_rng(2)
   prompts = [rng.integers(4, 64, n).tolist() for n in (21, 9, 30)]
-  got = generate_greedy(model, params, prompts, max_new_tokens=4, stop=lambda i: False, full_attention=True)
+  got = generate_answers(model, params, prompts, max_new_tokens=4, stop_ids=(), full_attention=True)
   wide = LM2Model(tiny_config("none", segment_len=64))
   logits_fn = jax.jit(lambda t: wide.apply({"params": params}, t, {})[0])
   for prompt, out in zip(prompts, got):
@@ -141,8 +119,7 @@ def test_full_attention_equals_one_unpadded_window():
       seq[0, len(prompt) + t] = int(jnp.argmax(logits_fn(seq)[0, len(prompt) + t - 1]))
     assert out == seq[0, len(prompt):len(prompt) + 4].tolist()
   with pytest.raises(ConfigError, match="memory.kind"):
-    generate_greedy(*build(tiny_config("lm2")), prompts, max_new_tokens=1, stop=lambda i: True,
-                    full_attention=True)
+    generate_answers(*build(tiny_config("lm2")), prompts, max_new_tokens=1, stop_ids=(), full_attention=True)
 
 
 def test_table_layout_and_heatmap(tmp_path):

@@ -4,25 +4,19 @@ and the reports (JSON, a markdown table in the layout of LM2's Table 1, a heatma
     results = babilong_accuracy(model, params, tok, tasks=("qa1",), lengths=(0, 1024), num_samples=50)
     results["accuracy"]["qa1"]["1024"]   # fraction of samples whose generated answer BABILong counts correct
 
-Generation: the prompts of a batch are left-padded (a padding document before each prompt, so that every prompt
-ends at the same position). Each segment before the one holding the last prompt token runs once, carrying the
-memory; then each new token re-runs only the current segment from the memory that entered it, and a full segment
-is run once more to carry its memory on. One compiled function runs every segment, whatever the input length. A document that starts inside a segment reads a fresh memory, as in
-training on packed rows; a prompt that starts exactly at a segment boundary is given a fresh memory explicitly.
-With `full_attention` (memory kind 'none' only) the whole input is one segment: the reference with no window.
+Generation (`generate_answers`): cached decoding through the segment recurrence (lm2_jax.sessions.decoding), each
+prompt from a fresh memory with its segments counted from its first token, as if alone in the batch. With
+`full_attention` (memory kind 'none' only) the whole input is one segment: the reference with no window.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lm2_jax.data.babi.babilong import babilong_correct, make_samples
@@ -31,78 +25,29 @@ from lm2_jax.data.pipeline import babilong_distractor, babilong_tasks, babilong_
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
+from lm2_jax.sessions.decoding import Sampling, generate
 
-_PAD_DOC, _PROMPT_DOC = 1, 2
 _FULL_ATTENTION_ROUND = 256  # full-attention inputs are padded to a multiple of this (fewer compilations)
 
 
-@functools.lru_cache(maxsize=16)
-def _forward(model_config):
-  """jit (params, tokens, memory, segment_ids, reset_B) -> (logits, memory after the tokens), one per model
-  config (compiled per shape); rows flagged in `reset_B` start from a fresh memory."""
-  model = LM2Model(model_config)
-
-  def forward(params, tokens, memory, ids, reset_B):
-    return model.apply({"params": params}, tokens, model.reset_memory(memory, reset_B), segment_ids=ids)[:2]
-
-  return jax.jit(forward)
-
-
-def generate_greedy(model: LM2Model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    stop: Callable[[int], bool], pad_id: int = 0, full_attention: bool = False) -> list[list[int]]:
-  """Greedy continuations of `prompts` (a batch of token lists): up to `max_new_tokens` each, ending after the
-  first token for which `stop(id)` holds (that token included)."""
-  B = len(prompts)
-  n_B = np.array([len(p) for p in prompts])
-  if B == 0 or n_B.min() == 0:
-    raise ValueError("prompts: give at least one prompt, each of at least one token")
-  E = int(n_B.max())  # every prompt ends at position E - 1
+def generate_answers(model: LM2Model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     stop_ids: Sequence[int], full_attention: bool = False) -> list[list[int]]:
+  """Greedy continuations of `prompts`, each from a fresh memory as if alone (lm2_jax.sessions.decoding): up to
+  `max_new_tokens` each, ending after the first of `stop_ids` (included). With `full_attention` (memory kind
+  'none' only) the window is one segment as long as the longest prompt and its answer, rounded up."""
   if full_attention:
     if model.config.memory.kind != "none":
       raise ConfigError(f"config.model.memory.kind={model.config.memory.kind!r}: full attention is the reference "
                         "without memory; evaluate it with memory kind 'none'")
-    L = -(-(E + max_new_tokens) // _FULL_ATTENTION_ROUND) * _FULL_ATTENTION_ROUND
-    model = LM2Model(dataclasses.replace(model.config, segment_len=L))
-  S = model.config.segment_len
-  L = -(-(E + max_new_tokens) // S) * S
-  tokens = np.full((B, L), pad_id, np.int32)
-  ids = np.full((B, L), _PAD_DOC, np.int32)
-  start_B = E - n_B
-  for b, p in enumerate(prompts):
-    tokens[b, start_B[b]:E] = p
-    ids[b, start_B[b]:] = _PROMPT_DOC
-  forward = _forward(model.config)
-
-  def run(seg: int, memory):
-    """Segment `seg` from the memory that entered it -> (logits [B, S, V], memory after it)."""
-    sl = slice(seg * S, (seg + 1) * S)
-    return forward(params, tokens[:, sl], memory, ids[:, sl], start_B == seg * S)
-
-  memory = model.init_memory(B)
-  for seg in range((E - 1) // S):  # the segments before the one holding the prompt's last token
-    _, memory = run(seg, memory)
-  seg = (E - 1) // S
-  out = [[] for _ in range(B)]
-  done = np.zeros(B, bool)
-  for t in range(max_new_tokens):
-    pos = E - 1 + t
-    if pos // S != seg:
-      _, memory = run(seg, memory)
-      seg += 1
-    logits, _ = run(seg, memory)
-    next_B = np.asarray(jnp.argmax(logits[:, pos - seg * S], -1))
-    tokens[:, pos + 1] = next_B
-    for b in np.flatnonzero(~done):
-      out[b].append(int(next_B[b]))
-      done[b] = stop(int(next_B[b]))
-    if done.all():
-      break
-  return out
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    window = -(-longest // _FULL_ATTENTION_ROUND) * _FULL_ATTENTION_ROUND
+    model = LM2Model(dataclasses.replace(model.config, segment_len=window))
+  return generate(model, params, prompts, Sampling(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids)))
 
 
-def _stopper(tok: Tokenizer) -> Callable[[int], bool]:
+def _stop_ids(tok: Tokenizer) -> list[int]:
   """Generation stops at eos or at a token that ends a sentence (BABILong reads up to the first '.')."""
-  return lambda i: i == tok.eos_id or "." in tok.decode([i])
+  return [i for i in range(tok.vocab_size) if i == tok.eos_id or "." in tok.decode([i])]
 
 
 def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequence[str], lengths: Sequence[int],
@@ -115,7 +60,7 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
   {'accuracy': {task: {str(length): float | None}}, 'examples': {task: {str(length): first answer}},
   'seconds': {str(length): wall time}}.
   """
-  stop = _stopper(tok)
+  stop_ids = _stop_ids(tok)
   results = {"accuracy": {t: {} for t in tasks}, "examples": {t: {} for t in tasks}, "seconds": {}}
   for length in lengths:
     t0 = time.perf_counter()
@@ -130,8 +75,8 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
         chunk = samples[i:i + batch_size]
         prompts = [encode_prompt(tok, s) for s in chunk]
         prompts += [prompts[0]] * (batch_size - len(prompts))  # a fixed batch shape: one compilation per length
-        outputs = generate_greedy(model, params, prompts, max_new_tokens=max_new_tokens, stop=stop,
-                                  pad_id=tok.pad_id, full_attention=full_attention)
+        outputs = generate_answers(model, params, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                   full_attention=full_attention)
         for s, ids in zip(chunk, outputs):
           text = tok.decode(ids)
           correct += babilong_correct(text, s["answer"], task, s["question"])

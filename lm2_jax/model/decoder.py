@@ -279,11 +279,12 @@ class LM2Model(nn.Module):
 
   def reset_memory(self, memory, rows_B):
     """The memory with the rows where `rows_B` (bool [B]) is set replaced by a fresh memory."""
-    c = self.config
-    if c.memory.kind == "none":
-      return memory
-    batch_axis = 0 if memory_lib.placement(c.memory) == "segment" else 1
-    return select_rows(rows_B, self.init_memory(rows_B.shape[0]), memory, batch_axis=batch_axis)
+    return self.select_memory(rows_B, self.init_memory(rows_B.shape[0]), memory)
+
+  def select_memory(self, rows_B, a, b):
+    """Per batch row: memory `a` where rows_B (bool [B]), else `b`."""
+    batch_axis = 0 if memory_lib.placement(self.config.memory) == "segment" else 1
+    return select_rows(rows_B, a, b, batch_axis=batch_axis)
 
   def empty_cache(self, batch_size: int) -> dict[str, jax.Array]:
     """An all-zero cache {'k', 'v': [num_layers, B, prefix + segment_len, kv_heads, head_dim]} (model dtype)."""

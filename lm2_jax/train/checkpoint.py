@@ -19,7 +19,7 @@ from lm2_jax.model.config import ConfigError
 # Config sections whose change makes a checkpoint unusable (shapes or meaning of the saved arrays), and the
 # fields inside them that only change how the model runs (inference-time knobs), which may differ.
 _COMPATIBLE_REQUIRES = ("model",)
-_RUNTIME_FIELDS = ("model.memory.skip_threshold", "model.memory.capacity_factor")
+_RUNTIME_FIELDS = ("model.memory.skip_threshold", "model.memory.capacity_factor", "model.attention_kernel")
 
 
 def config_json(config) -> dict[str, Any]:

@@ -1,0 +1,161 @@
+"""Sessions: a model, its tokenizer and an episodic memory that lasts across calls (DESIGN section 5).
+
+    s = Session(params, config, tokenizer)
+    s.inject("Mary went to the kitchen.")          # folded into memory, nothing generated
+    s.ask("Where is Mary?", max_new_tokens=8)      # -> generated text; the exchange stays in the context
+    s.save("ckpt/session")                         # the memory state (Orbax), its pending tokens and history
+    s = Session.restore("ckpt/session", params, config, tokenizer)
+
+The three tiers: the current segment's tokens sit in the KV cache (short-term), what earlier segments wrote
+sits in the memory state (episodic), the parameters hold the rest (long-term). Text reaches the memory when its
+segment fills; until then its tokens are pending in the cache, and they are part of the saved state.
+
+`history` lists what was injected and asked, each entry with the token span it occupies in the session's stream
+and the memory's read statistics per slot after it (`read_stats`: every `*read_mass` array of the state, the
+decayed attention mass each slot received; empty for kinds without slots). The sleep phase replays from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lm2_jax.data.tokenizer import Tokenizer
+from lm2_jax.model import LM2Model, ModelConfig, init_params
+from lm2_jax.model.config import ConfigError
+from lm2_jax.sessions.decoding import DecodeState, Sampling, decoder_for, strip_stop_strings
+
+_FORMAT = 1
+
+
+def _model_config(config) -> ModelConfig:
+  """An experiment config (with .model), config.model, or a ModelConfig -> ModelConfig."""
+  return ModelConfig.from_config(config.model if hasattr(config, "model") else config)
+
+
+def _shapes(tree) -> dict[str, list[int]]:
+  return {jax.tree_util.keystr(k): list(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def read_stats(memory) -> dict[str, list]:
+  """Every `*read_mass` array of a memory state (batch row 0), by its path in the state."""
+  return {jax.tree_util.keystr(k): np.asarray(v)[..., 0, :].tolist() if np.ndim(v) > 2 else np.asarray(v)[0].tolist()
+          for k, v in jax.tree_util.tree_flatten_with_path(memory)[0] if "read_mass" in jax.tree_util.keystr(k)}
+
+
+class Session:
+  """One stream (batch 1) with its episodic memory; see the module docstring."""
+
+  def __init__(self, params, config, tokenizer: Tokenizer):
+    self.config = _model_config(config)
+    tokenizer.check_vocab(self.config.vocab_size)
+    self._check_params(params)
+    self.params, self.tokenizer = params, tokenizer
+    self.model = LM2Model(self.config)
+    self._dec = decoder_for(self.config)
+    self.reset()
+
+  def _check_params(self, params) -> None:
+    want = _shapes(jax.eval_shape(lambda: init_params(LM2Model(self.config), jax.random.key(0))))
+    got = _shapes(params)
+    if got != want:
+      diff = [(k, got.get(k), want.get(k)) for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k)]
+      raise ConfigError(f"params: their shapes do not match config.model; (name, params, config) for the first "
+                        f"differences: {diff[:3]}")
+
+  def reset(self) -> None:
+    """A fresh memory and an empty context; the history is cleared."""
+    self.state: DecodeState = self._dec.fresh(self.params, 1)
+    self.position = 0  # tokens in the session's stream so far
+    self.history: list[dict[str, Any]] = []
+
+  def _encode(self, text: str, what: str) -> list[int]:
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f"{what}: give non-empty text (got {text!r})")
+    ids = self.tokenizer.encode(text)
+    if self.position == 0 and self.tokenizer.bos_id >= 0:
+      ids = [self.tokenizer.bos_id] + ids
+    return ids
+
+  def _feed(self, ids: list[int]) -> None:
+    self.state = self._dec.feed(self.params, self.state, [ids])
+    self.position += len(ids)
+
+  def _log(self, kind: str, text: str, start: int, **extra) -> None:
+    self.history.append({"kind": kind, "text": text, "start": start, "end": self.position,
+                         "read_stats": read_stats(self.state.memory), **extra})
+
+  def inject(self, text: str) -> None:
+    """Folds `text` into the session (memory once its segments fill), generating nothing."""
+    start = self.position
+    self._feed(self._encode(text, "inject"))
+    self._log("inject", text, start)
+
+  def generate(self, prompt: str | None = None, **sampling) -> str:
+    """Feeds `prompt` (if any), then samples (`Sampling` fields as keywords); the generated tokens stay in the
+    context. Returns the generated text, cut before a stop string."""
+    s = Sampling(**{"stop_ids": (self.tokenizer.eos_id,) if self.tokenizer.eos_id >= 0 else (), **sampling})
+    start = self.position
+    if prompt is not None:
+      self._feed(self._encode(prompt, "prompt"))
+    elif self.position == 0:
+      raise ValueError("prompt: the session is empty; give a prompt or inject text first")
+    ids, self.state = self._dec.generate(self.params, self.state, s, self.tokenizer.decode)
+    self.position += len(ids[0])
+    text = strip_stop_strings(self.tokenizer.decode([i for i in ids[0] if i != self.tokenizer.eos_id]),
+                              s.stop_strings)
+    self._log("ask", prompt or "", start, answer=text)
+    return text
+
+  def ask(self, prompt: str, **sampling) -> str:
+    """A question: `generate` after `prompt`."""
+    return self.generate(prompt, **sampling)
+
+  def save(self, path: str) -> None:
+    """Writes the memory state, the pending tokens of the current segment and the history under `path` (a new
+    directory; Orbax for the arrays, JSON for the rest)."""
+    path = os.path.abspath(path)
+    pending = self._dec.pending(self.state)[0]
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(os.path.join(path, "memory"), jax.tree.map(np.asarray, self.state.memory))
+    meta = {"format": _FORMAT, "model_config": _describe(self.config), "param_shapes": _shapes(self.params),
+            "pending": pending, "position": self.position, "history": self.history}
+    with open(os.path.join(path, "session.json"), "w") as f:
+      json.dump(meta, f)
+
+  @classmethod
+  def restore(cls, path: str, params, config, tokenizer: Tokenizer) -> "Session":
+    """A session continuing exactly where `save` left it. Refuses a state saved under another model config or
+    with params of other shapes, naming both."""
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, "session.json")
+    if not os.path.isfile(meta_path):
+      raise ConfigError(f"session {path!r}: no session.json there; give a directory written by Session.save")
+    with open(meta_path) as f:
+      meta = json.load(f)
+    s = cls(params, config, tokenizer)
+    if meta["model_config"] != _describe(s.config):
+      diff = {k: (meta["model_config"].get(k), v) for k, v in _describe(s.config).items()
+              if meta["model_config"].get(k) != v}
+      raise ConfigError(f"session {path!r}: saved under another model config; (saved, given) per field: {diff}")
+    if meta["param_shapes"] != _shapes(params):
+      diff = [(k, meta["param_shapes"].get(k), v) for k, v in _shapes(params).items()
+              if meta["param_shapes"].get(k) != v]
+      raise ConfigError(f"session {path!r}: saved with params of other shapes; (name, saved, given): {diff[:3]}")
+    with ocp.StandardCheckpointer() as ckpt:
+      memory = ckpt.restore(os.path.join(path, "memory"), jax.tree.map(np.asarray, s.state.memory))
+    st = s.state.replace(memory=jax.tree.map(jax.numpy.asarray, memory))
+    s.state = s._dec.feed(s.params, st, [meta["pending"]])
+    s.position, s.history = meta["position"], meta["history"]
+    return s
+
+
+def _describe(config: ModelConfig) -> dict[str, Any]:
+  """The model config as JSON-able values (nested dataclasses as dicts)."""
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))
