@@ -231,3 +231,37 @@ def test_rmt_gradients_reach_its_parameters():
   for name, g in _memory_leaves(grads).items():  # the initial memory and the write norm's scale
     assert np.abs(np.asarray(g)).max() > 0, name
   assert len(_memory_leaves(grads)) == 2
+
+
+def test_shared_memory_reads_the_entering_memory_and_writes_layer_after_layer():
+  """share_across_layers: one state without a layers axis; after a segment it is M2 = write_1(write_0(M0, h_0),
+  h_1) while both layers read M0 (recomputed here from each layer's own memory module); causal; and one
+  memory layer shared is the per-layer memory exactly."""
+  from lm2_jax.model.memory.lm2 import LM2Memory
+  model, params = build(tiny_config("lm2", memory_share_across_layers=True, scan_layers=False))
+  assert jax.tree.map(jnp.shape, model.init_memory(2)) == {"slots": (2, 6, 32), "read_mass": (2, 6)}
+  tokens = random_tokens(0, (2, SEG))
+  _, new, state = model.apply({"params": params}, tokens, capture_intermediates=lambda m, _: m.name == "attn_norm",
+                              mutable=["intermediates"])
+  h = [state["intermediates"]["decoder"][f"layer_{i}"]["attn_norm"]["__call__"][0] for i in range(2)]
+  mem = LM2Memory(model.config)
+  m0 = model.init_memory(2)
+  step = lambda i, write: mem.apply({"params": params["decoder"][f"layer_{i}"]["memory"]}, m0, h[i],
+                                    write_state=write, method=LM2Memory.step)[1]
+  want = step(1, step(0, m0))
+  np.testing.assert_allclose(new["slots"], want["slots"], atol=1e-5)
+  np.testing.assert_allclose(new["read_mass"], want["read_mass"], atol=1e-6)
+
+  f = logits_fn(model, params)
+  tokens = random_tokens(0, (2, 3 * SEG))
+  a = np.asarray(f(tokens))
+  for t in (3, SEG + 2):
+    b = np.asarray(f(tokens.at[:, t].set((tokens[:, t] + 1) % 64)))
+    np.testing.assert_allclose(a[:, :t], b[:, :t], atol=1e-6, rtol=0, err_msg=f"t={t}")
+
+  one_shared, p = build(tiny_config("lm2", memory_layers="1", memory_share_across_layers=True))
+  one = LM2Model(tiny_config("lm2", memory_layers="1"))
+  got, got_mem, _ = one_shared.apply({"params": p}, tokens)
+  ref, ref_mem, _ = one.apply({"params": p}, tokens)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  np.testing.assert_allclose(got_mem["slots"], ref_mem["slots"][0], atol=1e-5)

@@ -88,33 +88,39 @@ def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
 @flax.struct.dataclass
 class LayerContext:
   """What every layer of a segment shares: rotary tables ([X, E], or [B, X, E] with a cache), the document
-  masks (or None), and with a cache the per-row position of the first new token in it."""
+  masks (or None), with a cache the per-row position of the first new token in it, and a memory shared across
+  layers as it entered the segment (`entering`, which every memory layer reads)."""
   cos: jax.Array
   sin: jax.Array
   docs: Documents | None = None
   cache_index_B: jax.Array | None = None
+  entering: Any = None
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm Llama layer; a layer memory reads (and writes) beside self-attention.
 
-  (x_BLD, (memory state, cache), ctx) -> (y_BLD, (new state, stats, losses, new cache)). With a cache the memory
-  is read, not written."""
+  ((x_BLD, shared), (memory state, cache), ctx) -> ((y_BLD, shared'), (new state, stats, losses, new cache)).
+  `shared` is the running state of a memory shared across layers (None otherwise), the per-layer state None
+  then. With a cache the memory is read, not written."""
   cfg: ModelConfig
   has_memory: bool
 
   @nn.compact
-  def __call__(self, x_BLD, per_layer, ctx: LayerContext):
+  def __call__(self, carry, per_layer, ctx: LayerContext):
     c = self.cfg
+    x_BLD, shared = carry
     mem_state, cache = per_layer
     h_BLD = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BLD)
     out = memory_lib.MemoryOut()
     if self.has_memory:
       memory = memory_lib.module_class(c.memory)(c, name="memory")
-      if cache is None:
+      if cache is not None:
+        out = memory.read_only(mem_state if ctx.entering is None else ctx.entering, h_BLD)
+      elif ctx.entering is None:
         out, mem_state = memory(mem_state, h_BLD, ctx.docs)
       else:
-        out = memory.read_only(mem_state, h_BLD)
+        out, shared = memory(ctx.entering, h_BLD, ctx.docs, write_state=shared)
     ids_BL = None if ctx.docs is None else ctx.docs.ids_BL
     attn_BLD, cache = Attention(c, name="attn")(h_BLD, ctx.cos, ctx.sin, ids_BL, out.kv, cache, ctx.cache_index_B)
     y_BLD = x_BLD + attn_BLD
@@ -122,7 +128,7 @@ class DecoderLayer(nn.Module):
       y_BLD = y_BLD + out.residual_BLD
     y_BLD = y_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(y_BLD))
     y_BLD = nn.with_logical_constraint(y_BLD.astype(c.dtype), ("batch", "length", "embed"))
-    return y_BLD, (mem_state, out.stats, out.losses, cache)
+    return (y_BLD, shared), (mem_state, out.stats, out.losses, cache)
 
 
 def _layer_class(cfg: ModelConfig, scanned: bool):
@@ -140,13 +146,13 @@ def _concat(trees):
 
 
 def memory_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-  """Logical axis names of each memory array: ('layers', *the kind's state axes) for a layer kind, the kind's
-  state axes for a segment kind."""
+  """Logical axis names of each memory array: ('layers', *the kind's state axes) for a layer kind with a memory
+  per layer, the kind's state axes for a segment kind or a memory shared across layers."""
   where = memory_lib.placement(cfg.memory)
   if where is None:
     return {}
   axes = memory_lib.module_class(cfg.memory).state_axes(cfg.memory)
-  if where == "segment":
+  if not memory_lib.stacked(cfg.memory):
     return axes
   return jax.tree.map(lambda a: ("layers", *a), axes, is_leaf=lambda a: isinstance(a, tuple))
 
@@ -200,6 +206,11 @@ class SegmentDecoder(nn.Module):
       run = lambda x_BXD, docs: self._layers(x_BXD, {}, LayerContext(cos, sin, docs))[0]
       y_BLD, new_memory, stats = segment_kind(memory, x_BLD, docs, run)
       losses = {}
+    elif kind is not None and not memory_lib.stacked(c.memory):  # shared across layers: all read what entered
+      fresh = kind.init_state(c.memory, x_BLD.shape[0])
+      running = memory if docs is None else select_rows(docs.reset_B, fresh, memory)  # written layer by layer
+      ctx = LayerContext(cos, sin, docs, entering=memory)
+      y_BLD, new_memory, stats, losses, _ = self._layers(x_BLD, {}, ctx, shared=running)
     else:
       y_BLD, new_memory, stats, losses, _ = self._layers(x_BLD, memory, LayerContext(cos, sin, docs))
     next_doc_B = mem_doc_B if ids_BL is None else ids_BL[:, -1]
@@ -214,14 +225,17 @@ class SegmentDecoder(nn.Module):
     else:
       cache_index_B = cache_index_B + P
     cos, sin = rope_tables(c, cache_index_B[:, None] + jnp.arange(x_BLD.shape[1]))
-    layer_memory = {} if segment_kind is not None else memory
-    y_BLD, _, _, _, cache = self._layers(x_BLD, layer_memory, LayerContext(cos, sin, None, cache_index_B), cache)
+    stacked = memory_lib.stacked(c.memory)
+    ctx = LayerContext(cos, sin, None, cache_index_B, entering=None if stacked or segment_kind else memory)
+    y_BLD, _, _, _, cache = self._layers(x_BLD, memory if stacked else {}, ctx, cache)
     return y_BLD, cache
 
-  def _layers(self, x_BLD, memory, ctx: LayerContext, cache=None):
-    """The layer groups on x_BLD -> (y_BLD, new per-layer memory, per-layer stats, per-layer losses, cache)."""
+  def _layers(self, x_BLD, memory, ctx: LayerContext, cache=None, shared=None):
+    """The layer groups on x_BLD -> (y_BLD, new memory, per-layer stats, per-layer losses, cache). `memory`:
+    the per-layer states; `shared`: the running state of a memory shared across layers (then the new memory)."""
     c = self.cfg
     outs = {"memory": [], "stats": [], "losses": [], "cache": []}
+    carry = (x_BLD, shared)
     for g in layer_groups(c):
       states = _take(memory, g.mem_start, g.mem_start + g.size) if g.has_memory else None
       g_cache = None if cache is None else _take(cache, g.start, g.stop)
@@ -229,14 +243,14 @@ class SegmentDecoder(nn.Module):
         scanned = nn.scan(_layer_class(c, True), variable_axes={"params": 0},
                           split_rngs={"params": True, "memory": True}, in_axes=(0, nn.broadcast), length=g.size,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BLD, (g_states, g_stats, g_losses, g_cache) = scanned(c, g.has_memory, name=g.scanned_name)(
-            x_BLD, (states, g_cache), ctx)
+        carry, (g_states, g_stats, g_losses, g_cache) = scanned(c, g.has_memory, name=g.scanned_name)(
+            carry, (states, g_cache), ctx)
       else:
         per_layer = []
         for i in range(g.start, g.stop):
           one = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i - g.start], tree)
-          x_BLD, out = _layer_class(c, False)(c, g.has_memory, name=f"layer_{i}")(
-              x_BLD, (one(states), one(g_cache)), ctx)
+          carry, out = _layer_class(c, False)(c, g.has_memory, name=f"layer_{i}")(
+              carry, (one(states), one(g_cache)), ctx)
           per_layer.append(out)
         g_states, g_stats, g_losses, g_cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
       if g.has_memory:
@@ -245,7 +259,9 @@ class SegmentDecoder(nn.Module):
         outs["losses"].append(g_losses)
       outs["cache"].append(g_cache)
     new_cache = None if cache is None else _concat(outs["cache"])
-    return x_BLD, _concat(outs["memory"]), _concat(outs["stats"]), _concat(outs["losses"]), new_cache
+    x_BLD, shared = carry
+    new_memory = _concat(outs["memory"]) if shared is None else shared
+    return x_BLD, new_memory, _concat(outs["stats"]), _concat(outs["losses"]), new_cache
 
 
 class LM2Model(nn.Module):
@@ -265,11 +281,10 @@ class LM2Model(nn.Module):
     rmt's {'tokens': zeros [batch_size, num_slots, d_model]}, which the model reads as its learned initial
     memory); {} for memory kind 'none'."""
     c = self.config
-    where = memory_lib.placement(c.memory)
-    if where is None:
+    if memory_lib.placement(c.memory) is None:
       return {}
     state = memory_lib.module_class(c.memory).init_state(c.memory, batch_size)
-    if where == "segment":
+    if not memory_lib.stacked(c.memory):
       return state
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (len(c.memory_layers), *a.shape)), state)
 
@@ -283,7 +298,7 @@ class LM2Model(nn.Module):
 
   def select_memory(self, rows_B, a, b):
     """Per batch row: memory `a` where rows_B (bool [B]), else `b`."""
-    batch_axis = 0 if memory_lib.placement(self.config.memory) == "segment" else 1
+    batch_axis = 1 if memory_lib.stacked(self.config.memory) else 0
     return select_rows(rows_B, a, b, batch_axis=batch_axis)
 
   def empty_cache(self, batch_size: int) -> dict[str, jax.Array]:

@@ -83,6 +83,11 @@ def module_class(mcfg) -> type:
   return KINDS[mcfg.kind]
 
 
+def stacked(mcfg) -> bool:
+  """Whether the state holds one memory per memory layer, stacked on a leading `layers` axis."""
+  return placement(mcfg) == "layer" and not getattr(mcfg, "share_across_layers", False)
+
+
 def placement(mcfg) -> str | None:
   """'layer', 'segment' (the kind wraps the whole layer stack, e.g. 'rmt'), or None for kind 'none'."""
   return KINDS[mcfg.kind].placement if mcfg.kind in KINDS else None

@@ -83,6 +83,8 @@ class HierarchicalMemoryConfig:
           f"must be <= num_banks={ints['num_banks']}")
     check(ints["write_tokens"] <= ints["bank_slots"], f"{f}.write_tokens", ints["write_tokens"],
           f"must be <= bank_slots={ints['bank_slots']} (all writes of a segment may go to one bank)")
+    check(not v.get("share_across_layers", False), f"{f}.share_across_layers", True,
+          "only memory kind 'lm2' shares one memory across layers; set it to False for 'hierarchical'")
     product = v.get("product_keys", False)
     check(isinstance(product, bool), f"{f}.product_keys", product, "must be True or False")
     if product:

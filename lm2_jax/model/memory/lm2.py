@@ -27,6 +27,13 @@ whose input knows nothing of its neighbours.
 The official code's input gate mean-pools the whole sequence, which lets every position see the future; here a
 token only ever reads memory written by earlier segments (the write may look at the whole segment: it is read
 only by later ones).
+
+share_across_layers (the official code threads one memory through all layers): one state [B, N, S] instead of
+one per memory layer. Within a segment every memory layer reads the memory that entered the segment, and writes
+into what the memory layers before it wrote: M^(l+1) = write_l(M^l, H_l), M^0 the entering memory; the last
+memory layer's M is the next segment's. Reading the layer-by-layer updated memory instead, as the official code
+does, would let a token read what later tokens of its own segment wrote. Each layer keeps its own projections
+and gates (the official code shares one module); `read_mass` adds up every layer's read, decayed per layer.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class LM2MemoryConfig:
   num_heads: int      # R, heads of the read/write cross-attention
   slot_dim: int       # S; 0 in the config means d_model
   read_decay: float   # per-segment decay of the read statistics kept in the state
+  share_across_layers: bool = False  # one memory threaded through the memory layers (module docstring)
 
   @classmethod
   def parse(cls, cfg: Any, *, num_layers: int, d_model: int) -> "LM2MemoryConfig":
@@ -67,9 +75,11 @@ class LM2MemoryConfig:
     decay = v.get("read_decay", 0.99)
     check(isinstance(decay, (int, float)) and 0 <= decay <= 1, "model.memory.read_decay", decay,
           "must be in [0, 1]")
+    shared = v.get("share_across_layers", False)
+    check(isinstance(shared, bool), "model.memory.share_across_layers", shared, "must be True or False")
     return cls(kind=v["kind"], layers=parse_layers(v["layers"], num_layers),
                num_slots=positive_int(v, "num_slots", "model.memory"), num_heads=num_heads, slot_dim=slot_dim,
-               read_decay=float(decay))
+               read_decay=float(decay), share_across_layers=shared)
 
 
 def identity_like_slots(num_slots: int, slot_dim: int) -> np.ndarray:

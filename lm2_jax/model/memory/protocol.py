@@ -117,9 +117,10 @@ class LayerMemory(nn.Module):
   placement = "layer"
   emits_kv = False  # a kind whose output has `kv` sets this (both document calls are always made)
 
-  def step(self, state, h_BLD, read_BL=None, write_BL=None):
-    """-> (MemoryOut, new_state): the tokens of `read_BL` read `state`, those of `write_BL` are written into it
-    (None: all tokens). Every kind defines it."""
+  def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
+    """-> (MemoryOut, new_state): the tokens of `read_BL` read `state`, those of `write_BL` are written into it,
+    or into `write_state` when given (a memory shared across layers: read what entered the segment, write into
+    what earlier layers wrote) (masks None: all tokens). Every kind defines it."""
     raise NotImplementedError(f"memory kind {type(self).__name__} does not define step()")
 
   def read_only(self, state, h_BLD) -> MemoryOut:
@@ -127,25 +128,27 @@ class LayerMemory(nn.Module):
     Kinds whose write needs more tokens than a decoding step holds, or is costly, override it."""
     return self.step(state, h_BLD)[0]
 
-  def __call__(self, state, h_BLD, docs: Documents | None = None):
+  def __call__(self, state, h_BLD, docs: Documents | None = None, write_state=None):
+    """-> (MemoryOut, new_state) under the document rules (module docstring). `write_state`: see `step`; with
+    documents it must already start fresh in the rows whose last document is new (`Documents.reset_B`)."""
     if docs is None:
-      return self.step(state, h_BLD)
+      return self.step(state, h_BLD, write_state=write_state)
 
-    def both(mdl, state, h_BLD, docs):
+    def both(mdl, state, h_BLD, docs, write_state):
       fresh = type(mdl).init_state(mdl.cfg.memory, h_BLD.shape[0])
-      out_c, new_c = mdl.step(state, h_BLD, docs.read_BL, docs.read_BL)  # rows without a boundary: all tokens
-      out_f, new_f = mdl.step(fresh, h_BLD, ~docs.read_BL, docs.write_BL)
+      # rows without a boundary: every token reads and writes the carried memory
+      out_c, new_c = mdl.step(state, h_BLD, docs.read_BL, docs.read_BL, write_state)
+      out_f, new_f = mdl.step(fresh, h_BLD, ~docs.read_BL, docs.write_BL, write_state)
       return _merge(docs.read_BL, docs.reset_B, out_c, out_f), select_rows(docs.reset_B, new_f, new_c)
 
     if self.emits_kv:
-      return both(self, state, h_BLD, docs)
+      return both(self, state, h_BLD, docs, write_state)
 
-    def one(mdl, state, h_BLD, docs):
+    def one(mdl, state, h_BLD, docs, write_state):
       del docs  # no row has a boundary: every token is the memory's
-      out, new = mdl.step(state, h_BLD)
-      return out, new
+      return mdl.step(state, h_BLD, write_state=write_state)
 
-    return nn.cond(docs.any_reset, both, one, self, state, h_BLD, docs)
+    return nn.cond(docs.any_reset, both, one, self, state, h_BLD, docs, write_state)
 
 
 
@@ -160,9 +163,9 @@ class ReadWriteMemory(LayerMemory):
   def write(self, state, h_BLD, stats, mask_BL=None):
     raise NotImplementedError(f"memory kind {type(self).__name__} does not define write()")
 
-  def step(self, state, h_BLD, read_BL=None, write_BL=None):
+  def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
     out = self.read(state, h_BLD, read_BL)
-    return out, self.write(state, h_BLD, out.stats, write_BL)
+    return out, self.write(state if write_state is None else write_state, h_BLD, out.stats, write_BL)
 
   def read_only(self, state, h_BLD) -> MemoryOut:
     return self.read(state, h_BLD)
