@@ -61,8 +61,8 @@ def test_deep_read_matches_attention_over_the_chosen_banks(capacity_factor):
   p = params["params"]
   banks, weights, _ = mem.apply(params, h, method=HierarchicalMemory._route)
   active = jnp.ones((B, L), bool)
-  deep, _, kept = mem.apply(params, state["bank_slots"], h, banks, weights, active,
-                            method=HierarchicalMemory._deep_read)
+  deep, mass, kept = mem.apply(params, state["bank_slots"], h, banks, weights, active,
+                               method=HierarchicalMemory._deep_read)
   R, S = m.num_heads, m.slot_dim
   E = S // R
   q = (_np(h) @ _np(p["q_proj"]["kernel"]).reshape(cfg.d_model, -1))
@@ -77,13 +77,18 @@ def test_deep_read_matches_attention_over_the_chosen_banks(capacity_factor):
         seen.add(bank)
         assert bool(kept[b, t, j]) == want_kept
         if not want_kept:
+          np.testing.assert_array_equal(mass[b, t, j], 0.0)
           continue
         slots = _np(state["bank_slots"][b, bank])                                     # [N1, S]
+        slot_mass = np.zeros(m.bank_slots)
         for r in range(R):
           sl = slice(r * E, (r + 1) * E)
           sc = slots[:, sl] @ q[b, t, sl] / np.sqrt(E)
           a = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
           read[sl] += float(weights[b, t, j]) * (a @ slots[:, sl])
+          slot_mass += a / R
+        # the attention mass per slot of this pick, mean over heads, weighted by the pick's routing weight
+        np.testing.assert_allclose(mass[b, t, j], float(weights[b, t, j]) * slot_mass, rtol=1e-4, atol=1e-6)
       np.testing.assert_allclose(deep[b, t], read @ wo, rtol=1e-4, atol=1e-5)
 
 
@@ -137,6 +142,25 @@ def test_balance_loss_is_one_for_uniform_routing_and_larger_when_collapsed():
   h_pos = jnp.abs(h)
   losses = mem.apply(collapsed, state, h_pos, method=HierarchicalMemory.read).losses
   assert float(losses["balance"].min()) > 5.0  # every token on bank 0: K * 1 * P_0 ~ K
+
+
+@pytest.mark.parametrize("product_keys", [False, True])
+def test_balance_loss_counts_picks_and_probabilities_over_the_same_tokens(product_keys):
+  """K * sum_b f_b P_b with both the pick shares f and the mean routing probabilities P over the masked tokens
+  (brute force over all bank scores)."""
+  cfg, m, mem, params, state, h = _module(num_banks=9, top_k=2, balance_loss_weight=1.0, product_keys=product_keys)
+  mask = np.arange(L)[None, :] < np.array([[5], [L]])  # row 0: the first 5 tokens only
+  losses = mem.apply(params, state, h, jnp.asarray(mask), method=HierarchicalMemory.read).losses
+  scores = _routing_scores(m, params["params"], h)                          # [B, L, K]
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = []
+  for b in range(B):
+    toks = np.flatnonzero(mask[b])
+    picks = np.argsort(-scores[b, toks], axis=-1)[:, :m.top_k].ravel()
+    f = np.bincount(picks, minlength=m.num_banks) / (m.top_k * len(toks))
+    want.append(m.num_banks * (f * probs[b, toks].mean(0)).sum())
+  np.testing.assert_allclose(losses["balance"], np.mean(want), rtol=1e-4)
 
 
 def test_gradients_reach_every_parameter_and_balance_loss_enters_aux():

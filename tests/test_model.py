@@ -241,8 +241,8 @@ def test_shared_memory_reads_the_entering_memory_and_writes_layer_after_layer():
   model, params = build(tiny_config("lm2", memory_share_across_layers=True, scan_layers=False))
   assert jax.tree.map(jnp.shape, model.init_memory(2)) == {"slots": (2, 6, 32), "read_mass": (2, 6)}
   tokens = random_tokens(0, (2, SEG))
-  _, new, state = model.apply({"params": params}, tokens, capture_intermediates=lambda m, _: m.name == "attn_norm",
-                              mutable=["intermediates"])
+  (_, new, _), state = model.apply({"params": params}, tokens, mutable=["intermediates"],
+                                   capture_intermediates=lambda m, _: m.name == "attn_norm")
   h = [state["intermediates"]["decoder"][f"layer_{i}"]["attn_norm"]["__call__"][0] for i in range(2)]
   mem = LM2Memory(model.config)
   m0 = model.init_memory(2)

@@ -148,14 +148,18 @@ class HierarchicalMemory(ReadWriteMemory):
     self.u = dense(m.slot_dim, ("embed", None), "u_proj", dt)
     self.salience = dense(1, ("embed", None), "salience", jnp.float32, use_bias=True)
 
-  def _route(self, h_BLD):
-    """-> (banks [B, L, k] int32, weights [B, L, k] summing to 1, mean routing probability per bank [B, K])."""
+  def _route(self, h_BLD, w_BL=None):
+    """-> (banks [B, L, k] int32, weights [B, L, k] summing to 1, mean routing probability per bank [B, K] over
+    the tokens weighted by w_BL (all tokens when None))."""
     m = self.cfg.memory
+    B, L, _ = h_BLD.shape
+    w_BL = jnp.ones((B, L), jnp.float32) if w_BL is None else w_BL.astype(jnp.float32)
+    w_BL = w_BL / jnp.maximum(w_BL.sum(axis=1, keepdims=True), 1.0)
     r_BLS = self.route(h_BLD.astype(jnp.float32))
     if not m.product_keys:
       scores_BLK = jnp.einsum("bls,ks->blk", r_BLS, self.bank_keys) / np.sqrt(m.slot_dim)
       top_BLk, banks_BLk = jax.lax.top_k(scores_BLK, m.top_k)
-      probs_BK = jax.nn.softmax(scores_BLK, axis=-1).mean(axis=1)
+      probs_BK = jnp.einsum("blk,bl->bk", jax.nn.softmax(scores_BLK, axis=-1), w_BL)
     else:
       half = m.slot_dim // 2
       s1_BLP = jnp.einsum("bls,ps->blp", r_BLS[..., :half], self.bank_keys[0]) / np.sqrt(m.slot_dim)
@@ -168,7 +172,7 @@ class HierarchicalMemory(ReadWriteMemory):
       banks_BLk = jnp.take_along_axis(i1, pick // m.top_k, -1) * side + jnp.take_along_axis(i2, pick % m.top_k, -1)
       # softmax over all K = P^2 pair scores factorises into the two halves' softmaxes.
       p1, p2 = jax.nn.softmax(s1_BLP, axis=-1), jax.nn.softmax(s2_BLP, axis=-1)
-      probs_BK = jnp.einsum("blp,blq->bpq", p1, p2).reshape(p1.shape[0], -1) / p1.shape[1]
+      probs_BK = jnp.einsum("blp,blq,bl->bpq", p1, p2, w_BL).reshape(p1.shape[0], -1)
     return banks_BLk, jax.nn.softmax(top_BLk, axis=-1), probs_BK
 
   def _deep_read(self, bank_slots_BKNS, h_BLD, banks_BLk, w_BLk, active_BL):
@@ -211,7 +215,7 @@ class HierarchicalMemory(ReadWriteMemory):
       p_BKRCN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
       read_BQRE = jnp.einsum("bkrcn,bknre->bkcre", p_BKRCN.astype(slots_BKNRE.dtype),
                              slots_BKNRE).reshape(B, K * C, R, e)
-      mass_BQN = p_BKRCN.mean(axis=2).swapaxes(2, 3).reshape(B, K * C, N1)
+      mass_BQN = p_BKRCN.mean(axis=2).reshape(B, K * C, N1)  # mean over heads: [B, K, C, N1] -> cells
       # Back to the picks (a dropped pick reads the zero row K * C), weighted and summed over each token's k.
       w_BLk = w_BLk_kept.astype(read_BQRE.dtype)
       read_BLRE = jnp.einsum("blkre,blk->blre", _gather_rows(pad(read_BQRE), cell_BA).reshape(B, L, k, R, e), w_BLk)
@@ -231,7 +235,7 @@ class HierarchicalMemory(ReadWriteMemory):
     B, L, _ = h_BLD.shape
     general = self.general.read(state["general"], h_BLD, mask_BL)
     general_BLD, general_stats = general.residual_BLD, general.stats
-    banks_BLk, w_BLk, probs_BK = self._route(h_BLD)
+    banks_BLk, w_BLk, probs_BK = self._route(h_BLD, mask_BL)
     gate_BL = nn.sigmoid(self.deep_gate(h_BLD.astype(jnp.float32))[..., 0])
     active_BL = gate_BL >= m.skip_threshold
     w_tok_BL = jnp.ones((B, L), jnp.float32) if mask_BL is None else mask_BL.astype(jnp.float32)
