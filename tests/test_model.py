@@ -237,15 +237,25 @@ def test_shared_memory_reads_the_entering_memory_and_writes_layer_after_layer():
   """share_across_layers: one state without a layers axis; after a segment it is M2 = write_1(write_0(M0, h_0),
   h_1) while both layers read M0 (recomputed here from each layer's own memory module); causal; and one
   memory layer shared is the per-layer memory exactly."""
+  from lm2_jax.model.decoder import DecoderLayer, LayerContext
+  from lm2_jax.model.layers import rope_tables
   from lm2_jax.model.memory.lm2 import LM2Memory
   model, params = build(tiny_config("lm2", memory_share_across_layers=True, scan_layers=False))
   assert jax.tree.map(jnp.shape, model.init_memory(2)) == {"slots": (2, 6, 32), "read_mass": (2, 6)}
   tokens = random_tokens(0, (2, SEG))
-  (_, new, _), state = model.apply({"params": params}, tokens, mutable=["intermediates"],
-                                   capture_intermediates=lambda m, _: m.name == "attn_norm")
-  h = [state["intermediates"]["decoder"][f"layer_{i}"]["attn_norm"]["__call__"][0] for i in range(2)]
-  mem = LM2Memory(model.config)
+  _, new, _ = model.apply({"params": params}, tokens)
+  # The two layers run one by one, capturing each memory's input h (the attention norm's output).
   m0 = model.init_memory(2)
+  x = params["embed"]["embedding"][tokens]
+  ctx = LayerContext(*rope_tables(model.config, jnp.arange(SEG)), entering=m0)
+  running, h = m0, []
+  for i in range(2):
+    ((x, running), _), state = DecoderLayer(model.config, True).apply(
+        {"params": params["decoder"][f"layer_{i}"]}, (x, running), ({}, None), ctx, mutable=["intermediates"],
+        capture_intermediates=lambda m, _: m.name == "attn_norm")
+    h.append(state["intermediates"]["attn_norm"]["__call__"][0])
+  np.testing.assert_allclose(new["slots"], running["slots"], atol=1e-5)
+  mem = LM2Memory(model.config)
   step = lambda i, write: mem.apply({"params": params["decoder"][f"layer_{i}"]["memory"]}, m0, h[i],
                                     write_state=write, method=LM2Memory.step)[1]
   want = step(1, step(0, m0))
