@@ -112,12 +112,13 @@ def attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS):
   return jnp.einsum("bkgls,bske->blkge", p, v_BSKE).reshape(B, L, H, E)
 
 
-def fused_causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, kernel: str):
-  """Causal attention within documents by an accelerator kernel: 'cudnn' (jax.nn.dot_product_attention's cuDNN
-  flash attention, GPU) or 'splash' (Pallas splash attention, TPU; document ids as its segment ids)."""
-  if kernel == "cudnn":
+def causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, kernel: str):
+  """Causal attention within documents (ids_BL None: one document) by `kernel`: 'xla' or 'cudnn'
+  (jax.nn.dot_product_attention's XLA and cuDNN flash attention implementations), 'splash' (Pallas splash
+  attention on TPU, document ids as its segment ids)."""
+  if kernel in ("xla", "cudnn"):
     mask = None if ids_BL is None else (ids_BL[:, :, None] == ids_BL[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, mask=mask, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, mask=mask, is_causal=True, implementation=kernel)
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   B, L, H, E = q_BLHE.shape
@@ -140,9 +141,9 @@ class Attention(nn.Module):
             tokens of row b go to cache positions cache_index_B[b] + 0..L-1 and see the cache up to their own
             position (rotary tables `cos`, `sin` then [B, L, E]). Without a cache, keys are the L tokens, causal.
 
-  `model.attention_kernel` picks the kernel of the plain causal case (no cache, no extra keys): 'xla' (`attend`),
-  'cudnn' or 'splash' (`fused_causal_attention`); with a cache or extra keys (decoding, memory as context) the
-  'xla' path runs on every backend.
+  `model.attention_kernel` picks the kernel of the plain causal case (no cache, no extra keys, `causal_attention`):
+  'xla', 'cudnn' or 'splash'; with a cache or extra keys (decoding, memory as context) `attend` runs on every
+  backend.
   """
   cfg: ModelConfig
 
@@ -155,6 +156,17 @@ class Attention(nn.Module):
     v_BLKE = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", dt)(x_BLD)
     q_BLHE = nn.with_logical_constraint(apply_rope(q_BLHE, cos, sin), ("batch", "length", "heads", "head_dim"))
     k_BLKE = nn.with_logical_constraint(apply_rope(k_BLKE, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+    if cache is None and extra is None:
+      out_BLHE = causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, c.attention_kernel)
+    else:
+      out_BLHE, cache = self._general(q_BLHE, k_BLKE, v_BLKE, ids_BL, extra, cache, cache_index_B)
+    out_BLHE = nn.with_logical_constraint(out_BLHE, ("batch", "length", "heads", "head_dim"))
+    return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)(out_BLHE), cache
+
+  def _general(self, q_BLHE, k_BLKE, v_BLKE, ids_BL, extra, cache, cache_index_B):
+    """Attention over [extra ; the segment's keys or the cache] with an explicit mask (`attend`)."""
+    dt = self.cfg.dtype
+    B, L = q_BLHE.shape[:2]
     if cache is None:
       k_BSKE, v_BSKE = k_BLKE, v_BLKE
       mask_BLS = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
@@ -169,14 +181,9 @@ class Attention(nn.Module):
     if extra is not None:
       k_BSKE = jnp.concatenate([extra.k_BMKE.astype(dt), k_BSKE], axis=1)
       v_BSKE = jnp.concatenate([extra.v_BMKE.astype(dt), v_BSKE], axis=1)
-      seen_BLM = (jnp.ones((B, L, extra.k_BMKE.shape[1]), bool) if extra.mask_BLM is None else extra.mask_BLM)
+      seen_BLM = jnp.ones((B, L, extra.k_BMKE.shape[1]), bool) if extra.mask_BLM is None else extra.mask_BLM
       mask_BLS = jnp.concatenate([seen_BLM, mask_BLS], axis=-1)
-    if c.attention_kernel != "xla" and cache is None and extra is None:
-      out_BLHE = fused_causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, c.attention_kernel)
-    else:
-      out_BLHE = attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS)
-    out_BLHE = nn.with_logical_constraint(out_BLHE, ("batch", "length", "heads", "head_dim"))
-    return dense(c.d_model, ("heads", "head_dim", "embed"), "o_proj", dt, n_in=2)(out_BLHE), cache
+    return attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS), cache
 
 
 class MLP(nn.Module):

@@ -118,12 +118,14 @@ class Session:
     return self.generate(prompt, **sampling)
 
   def save(self, path: str) -> None:
-    """Writes the memory state, the pending tokens of the current segment and the history under `path` (a new
-    directory; Orbax for the arrays, JSON for the rest)."""
+    """Writes the memory state, the pending tokens of the current segment and the history under `path` (Orbax
+    for the arrays, JSON for the rest; a session saved there before is replaced)."""
     path = os.path.abspath(path)
     pending = self._dec.pending(self.state)[0]
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(os.path.join(path, "memory"), jax.tree.map(np.asarray, self.state.memory))
+    if jax.tree.leaves(self.state.memory):  # memory kind 'none' has no state
+      with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, "memory"), jax.tree.map(np.asarray, self.state.memory), force=True)
+    os.makedirs(path, exist_ok=True)
     meta = {"format": _FORMAT, "model_config": _describe(self.config), "param_shapes": _shapes(self.params),
             "pending": pending, "position": self.position, "history": self.history}
     with open(os.path.join(path, "session.json"), "w") as f:
@@ -140,20 +142,30 @@ class Session:
     with open(meta_path) as f:
       meta = json.load(f)
     s = cls(params, config, tokenizer)
-    if meta["model_config"] != _describe(s.config):
-      diff = {k: (meta["model_config"].get(k), v) for k, v in _describe(s.config).items()
-              if meta["model_config"].get(k) != v}
+    saved, given = _flat(meta["model_config"]), _flat(_describe(s.config))
+    if saved != given:
+      diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
       raise ConfigError(f"session {path!r}: saved under another model config; (saved, given) per field: {diff}")
     if meta["param_shapes"] != _shapes(params):
       diff = [(k, meta["param_shapes"].get(k), v) for k, v in _shapes(params).items()
               if meta["param_shapes"].get(k) != v]
       raise ConfigError(f"session {path!r}: saved with params of other shapes; (name, saved, given): {diff[:3]}")
-    with ocp.StandardCheckpointer() as ckpt:
-      memory = ckpt.restore(os.path.join(path, "memory"), jax.tree.map(np.asarray, s.state.memory))
+    memory = s.state.memory
+    if jax.tree.leaves(memory):
+      with ocp.StandardCheckpointer() as ckpt:
+        memory = ckpt.restore(os.path.join(path, "memory"), jax.tree.map(np.asarray, memory))
     st = s.state.replace(memory=jax.tree.map(jax.numpy.asarray, memory))
     s.state = s._dec.feed(s.params, st, [meta["pending"]])
     s.position, s.history = meta["position"], meta["history"]
     return s
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as {'a.b': value}."""
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
 
 
 def _describe(config: ModelConfig) -> dict[str, Any]:
