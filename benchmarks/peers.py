@@ -41,6 +41,8 @@ import time
 
 from absl import app, flags
 
+from launch import compile_cache
+
 OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/hierarchical")
 PEERS = ("rmt-pytorch", "titans-pytorch")
 LAYER_PAIR = ("ours/lm2-layer", "lm2-official/layer")
@@ -219,6 +221,7 @@ def _worker(name: str) -> None:
   proto = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)
   _pin_threads(_THREADS.value)
+  compile_cache.enable()
   tokens = _BATCH.value * (_D.value if name in LAYER_PAIR else _SEQ.value)
   builders = {"ours/lm2-layer": _ours_lm2_layer, "rmt-pytorch": _rmt_pytorch, "titans-pytorch": _titans_pytorch,
               "lm2-official/layer": _lm2_official_layer}
@@ -281,7 +284,7 @@ class Worker:
 
 
 def _forwarded_flags() -> list[str]:
-  names = ("steps", "threads", "lm2_src", "batch", "seq_len", "d_model", "layers", "heads", "d_ff", "segment_len",
+  names = ("compile_cache", "steps", "threads", "lm2_src", "batch", "seq_len", "d_model", "layers", "heads", "d_ff", "segment_len",
            "vocab", "slots")
   return [f"--{n}={flags.FLAGS[n].value}" for n in names if flags.FLAGS[n].value is not None]
 
