@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 
 from configs import babilong as family
+from launch import compile_cache
 from lm2_jax.data.pipeline import babilong_tasks
 from lm2_jax.evaluate.babilong import babilong_results, write_report
 from lm2_jax.model import count_params
@@ -59,6 +60,7 @@ def _check_same_data(workdir: str, config) -> None:
 
 def main(argv):
   del argv
+  compile_cache.enable()
   models, budget = {}, {}
   for kind in _KINDS.value:
     config = family.get_config(kind)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from launch import compile_cache
 from lm2_jax.model import LM2Model, count_params, init_params
 from lm2_jax.model.config import default_model_config
 from lm2_jax.train.loss import next_token_loss
@@ -74,6 +75,7 @@ def measure(kind: str, capacity: int) -> dict:
 
 def main(argv):
   del argv
+  compile_cache.enable()
   rows = [measure(kind, int(c)) for c in _CAPACITIES.value for kind in ("lm2", "hierarchical")]
   base = next(r for r in rows if r["kind"] == "lm2" and r["capacity"] == int(_CAPACITIES.value[0]))
   print(f"train step, batch {_BATCH.value} x {_SEGMENTS.value} segments of {_SEG.value}, d_model {_D.value}, "

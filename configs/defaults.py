@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_clip_norm = 1.0
   config.train.grad_accum_steps = 1
   config.train.log_every = 50
+  config.train.peak_flops = 0.0         # FLOP/s that `mfu` in metrics.jsonl is relative to (0: measured at start)
 
   config.eval = ml_collections.ConfigDict()  # BABILong evaluation (launch.evaluate, benchmarks.babilong)
   config.eval.lengths = "0,1024,2048,4096"  # tokens of distractor text and story

@@ -15,6 +15,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import compile_cache
 from lm2_jax.model import LM2Model, count_params, init_params
 from lm2_jax.train.loss import next_token_loss
 
@@ -24,6 +25,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 
 def main(argv):
   del argv
+  compile_cache.enable()
   config = _CONFIG.value
   model = LM2Model(config.model)
   cfg = model.config

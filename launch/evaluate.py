@@ -18,6 +18,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from lm2_jax.data import recall
 from lm2_jax.data.pipeline import babilong_tasks, make_batches
 from lm2_jax.evaluate.babilong import babilong_results, write_report
@@ -80,6 +81,7 @@ def evaluate(config, setup, params, workdir: str, step: int) -> dict:
 
 def main(argv):
   del argv
+  compile_cache.enable()
   config, setup, state = trainer.restore(_WORKDIR.value, _CONFIG.value, _STEP.value)
   step = int(state.step)
   results = {"step": step, **evaluate(config, setup, state.params, _WORKDIR.value, step)}

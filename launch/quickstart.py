@@ -15,6 +15,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from lm2_jax.data import recall
 from lm2_jax.evaluate.recall import plot_learning_curves, recall_accuracy
 from lm2_jax.train import trainer
@@ -28,6 +29,7 @@ LENGTH_MULTIPLIERS = (1, 4)
 
 def main(argv):
   del argv
+  compile_cache.enable()
   base = _CONFIG.value
   t0 = time.time()
   results = {"chance": recall.from_config(base).chance, "steps": base.train.steps, "accuracy": {}, "train_s": {}}

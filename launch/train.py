@@ -7,6 +7,7 @@ Resumes from DIR/checkpoints when there are any. Ctrl-C saves a checkpoint befor
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -16,6 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  compile_cache.enable()
   config = _CONFIG.value
   trainer.train(config, _WORKDIR.value)
 

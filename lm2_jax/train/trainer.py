@@ -30,6 +30,7 @@ from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError, check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
 from lm2_jax.train.checkpoint import Checkpointer, config_json
+from lm2_jax.train.flops import measure_peak_flops, train_flops_per_token
 from lm2_jax.train.loss import next_token_loss
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -227,6 +228,17 @@ class MetricsLog:
       self._tb.close()
 
 
+def peak_flops(config) -> tuple[float, str]:
+  """(peak FLOP/s of the devices, where it came from): `config.train.peak_flops` when set (> 0), otherwise one
+  device's float32 matmul rate measured now (`measure_peak_flops`) times the device count (on CPU, the host's
+  devices share its cores: one device's rate)."""
+  configured = config.train.get("peak_flops", 0.0)
+  if configured:
+    return float(configured), "config.train.peak_flops"
+  devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+  return measure_peak_flops() * devices, "measured (float32 matmul)"
+
+
 class Progress:
   """A progress bar on a terminal, plain log lines otherwise."""
 
@@ -234,11 +246,12 @@ class Progress:
     self.total, self.start, self.t0 = total, start, time.perf_counter()
     self.tty = sys.stdout.isatty()
 
-  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+  def update(self, step: int, loss: float, tokens_per_s: float | None, mfu: float | None) -> None:
     done = step - self.start
     elapsed = time.perf_counter() - self.t0
     left = elapsed / max(done, 1) * (self.total - step)
-    text = f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s, {left:.0f} s left"
+    speed = "" if tokens_per_s is None else f" {tokens_per_s:,.0f} tok/s, MFU {100 * mfu:.1f}%,"
+    text = f"step {step}/{self.total} loss {loss:.4f}{speed} {left:.0f} s left"
     if self.tty:
       width = 30
       filled = int(width * step / self.total)
@@ -276,23 +289,32 @@ def train(config, workdir: str, data=None) -> TrainState:
   log = MetricsLog(workdir)
   progress = Progress(t.steps, start)
   tokens_per_step = t.batch_size * t.seq_len
-  step, last_t, last_step = start, time.perf_counter(), start
+  flops_per_token = train_flops_per_token(setup.model.config, t.seq_len)
+  peak, peak_source = peak_flops(config)
+  print(f"model FLOPs per token (train step): {flops_per_token:.4g}; peak {peak:.4g} FLOP/s, {peak_source}",
+        flush=True)
+  step = start
   try:
     with use_mesh(setup.mesh):
       while step < t.steps:
         state, metrics = step_fn(state, put_batch(setup, next(data)))
-        if step == start and jax.process_index() == 0:  # the data and config passed their checks
-          os.makedirs(workdir, exist_ok=True)
-          with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json(config), f, indent=2)
         step += 1
+        if step == start + 1:  # compiled, and the data and config passed their checks: the clock starts now
+          jax.block_until_ready(metrics)
+          last_t, last_step = time.perf_counter(), step
+          if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+              json.dump(config_json(config), f, indent=2)
         if step % t.log_every == 0 or step == t.steps:
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
-          metrics["tokens_per_s"] = tokens_per_step * (step - last_step) / (now - last_t)
+          if step > last_step:  # tokens/s and MFU of the steps since the last row (never of the compiling step)
+            metrics["tokens_per_s"] = tokens_per_step * (step - last_step) / (now - last_t)
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / peak
           last_t, last_step = now, step
           log.write(step, metrics)
-          progress.update(step, float(metrics["loss"]), metrics["tokens_per_s"])
+          progress.update(step, float(metrics["loss"]), metrics.get("tokens_per_s"), metrics.get("mfu"))
         if step % config.checkpoint.every == 0 or step == t.steps:
           ckpt.save(step, state, data.get_state(), config)
   except KeyboardInterrupt:

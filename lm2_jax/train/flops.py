@@ -1,0 +1,92 @@
+"""Model FLOPs per token from the config, and model FLOPs utilisation (MFU).
+
+A FLOP here is one multiply or one add: a matmul [m, k] x [k, n] is 2mkn FLOPs. Only matmuls and attention are
+counted (norms, rotary embeddings, activations, softmax and the loss are elementwise, a few percent at most);
+a training step is forward + backward = 3 x forward (the backward computes two matmuls per forward matmul);
+recomputation under remat, duplicated work and padding are not model FLOPs and are not counted.
+
+Letters: D d_model, H heads, K kv heads, E = D / H, F d_ff, V vocab, n layers, L tokens per segment (the whole
+input when it is one segment), X positions the layers process per segment (L, or L + 2M for `rmt`'s M memory
+tokens on each side), S slot_dim, R memory heads. Forward FLOPs per token:
+
+    layers      n * X/L * (2 D E (2H + 2K)                q, k, v, o projections
+                           + 4 X D                         scores and values over all X keys (dense attention
+                                                           computes the whole X x X block; the causal mask
+                                                           does not remove work)
+                           + 6 D F)                        SwiGLU: gate, up, down
+    logits      2 D V
+    lm2         per memory layer, N slots:
+                  10 D S                                   read q, output gate, o; write q, u
+                  + 8 N S                                  read scores and values; write scores and U
+                  + 12 N S^2 / L                           per segment: slot keys, values (4 N S^2) and the
+                                                           input and forget gates on [M, U] (8 N S^2)
+    hierarchical  per memory layer: lm2 with N0 general slots, plus
+                  10 D S                                   route (read and write), q, o, u
+                  + 4 D                                    deep gate, salience
+                  + 4 k N1 S + 2 k S                       top-k banks of N1 slots read; the k reads mixed
+                  + 2 x 2 K S                              bank scores, read and write; with product keys
+                                                           2 x 2 sqrt(K) S + 2 K (the balance loss's routing
+                                                           probabilities, read only)
+    rmt         the layers' X = L + 2M (above); nothing else
+
+`train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
+`config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
+number `python -m benchmarks.matmul_peak` prints).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lm2_jax.model.config import ModelConfig
+
+
+def _lm2_memory(d: int, s: int, n: int, length: int) -> float:
+  return 10 * d * s + 8 * n * s + 12 * n * s * s / length
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+  """Forward FLOPs per token by part ('layers', 'logits', 'memory') of a model reading rows of `seq_len`
+  tokens (module docstring)."""
+  d, h, kv, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  length = min(seq_len, cfg.segment_len)
+  m = cfg.memory
+  x = length + 2 * m.num_slots if m.kind == "rmt" else length
+  per_position = 2 * d * e * (2 * h + 2 * kv) + 4 * x * h * e + 6 * d * cfg.d_ff
+  parts = {"layers": cfg.num_layers * x / length * per_position, "logits": 2.0 * d * cfg.vocab_size,
+           "memory": 0.0}
+  if m.kind == "lm2":
+    parts["memory"] = len(m.layers) * _lm2_memory(d, m.slot_dim, m.num_slots, length)
+  elif m.kind == "hierarchical":
+    s, k = m.slot_dim, m.top_k
+    routing = 2 * (math.isqrt(m.num_banks) if m.product_keys else m.num_banks) * s
+    balance = 2 * m.num_banks if m.product_keys else 0  # the product of the halves' probabilities, read only
+    deep = 10 * d * s + 4 * d + 4 * k * m.bank_slots * s + 2 * k * s + 2 * routing + balance
+    parts["memory"] = len(m.layers) * (_lm2_memory(d, s, m.general_slots, length) + deep)
+  elif m.kind not in ("none", "rmt"):
+    raise NotImplementedError(f"config.model.memory.kind={m.kind!r}: no FLOP count for this kind yet; add its "
+                              "formula to lm2_jax/train/flops.py")
+  return parts
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs of one training step per token: 3 x forward (forward + backward)."""
+  return 3 * sum(forward_flops_per_token(cfg, seq_len).values())
+
+
+def measure_peak_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
+  """FLOP/s of a [size, size] x [size, size] matmul on the default device, best of `repeats` after warm-up: the
+  attainable matmul peak MFU is measured against."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(matmul(a, a))
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * size ** 3 / best
