@@ -15,9 +15,10 @@ Prints the results and writes DIR/eval_<step>.json.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from launch import cli
 from lm2_jax.data import recall
 from lm2_jax.data.pipeline import babilong_tasks, make_batches
 from lm2_jax.evaluate.babilong import babilong_results, write_report
@@ -80,7 +81,8 @@ def evaluate(config, setup, params, workdir: str, step: int) -> dict:
 
 def main(argv):
   del argv
-  config, setup, state = trainer.restore(_WORKDIR.value, _CONFIG.value, _STEP.value)
+  config, setup, state = trainer.restore(_WORKDIR.value, _CONFIG.value and cli.checked(_CONFIG.value),
+                                          _STEP.value)
   step = int(state.step)
   results = {"step": step, **evaluate(config, setup, state.params, _WORKDIR.value, step)}
   for name, value in results.items():
@@ -94,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,9 +12,10 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from launch import cli
 from lm2_jax.data import recall
 from lm2_jax.evaluate.recall import plot_learning_curves, recall_accuracy
 from lm2_jax.train import trainer
@@ -28,7 +29,7 @@ LENGTH_MULTIPLIERS = (1, 4)
 
 def main(argv):
   del argv
-  base = _CONFIG.value
+  base = cli.checked(_CONFIG.value)
   t0 = time.time()
   results = {"chance": recall.from_config(base).chance, "steps": base.train.steps, "accuracy": {}, "train_s": {}}
   kinds = _KINDS.value
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,9 +4,10 @@ The data comes from `config.data` (the built-in recall task, text files, ArrayRe
 Resumes from DIR/checkpoints when there are any. Ctrl-C saves a checkpoint before exiting.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from launch import cli
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -16,9 +17,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = cli.checked(_CONFIG.value)
   trainer.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -34,6 +34,11 @@ def small_config(steps=4, kind="lm2", continuing=False):
   return config
 
 
+def get_config(steps: str = "4"):
+  """small_config for the launchers: --config=tests/test_trainer.py:STEPS."""
+  return small_config(steps=int(steps))
+
+
 def _leaves_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
