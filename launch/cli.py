@@ -1,7 +1,8 @@
 """What the launchers share: `run(main)` in place of `app.run(main)`.
 
 - Configuration, data and checkpoint errors print as one line, `error: <field or file>=<value>: <fix>`, and exit
-  with status 1; a training run stopped by SIGINT/SIGTERM (after saving) exits with 128 + the signal's number.
+  with status 1; a training run stopped by SIGINT/SIGTERM (after saving) exits with 128 + the signal's number;
+  a second Ctrl-C exits at once, abandoning a save in flight (a resumed run ignores it).
   `--verbose` (or the environment variable LM2_VERBOSE=1) shows the traceback instead.
 - Library INFO logs (absl, Orbax, JAX, Grain) are off unless `--verbose` or an explicit `--verbosity`.
 - `checked(config)`: a config file's sections and fields are checked against configs/defaults.py, so a typo in
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging as py_logging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -56,6 +58,13 @@ def _main(main, argv) -> None:
   except Interrupted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # a second Ctrl-C: leave at once, without waiting for background saves
+    if verbose():
+      raise
+    print("interrupted: quit without saving; a checkpoint being written is ignored on resume", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signal.SIGINT)
   except USER_ERRORS as e:
     if verbose():
       raise

@@ -1,7 +1,9 @@
 r"""Trains a config: python -m launch.train --config=configs/quickstart.py --workdir=DIR [--config.field=value ...]
 
 The data comes from `config.data` (the built-in recall task, text files, ArrayRecord files or a TFDS dataset).
-Resumes from DIR/checkpoints when there are any. Ctrl-C saves a checkpoint before exiting.
+Resumes from the newest good checkpoint in DIR/checkpoints when there are any. Ctrl-C or SIGTERM saves a
+checkpoint before exiting (status 130 or 143). Errors in the config or data print as one line (--verbose or
+LM2_VERBOSE=1: the traceback).
 """
 
 from absl import flags

@@ -25,7 +25,7 @@ from lm2_jax.train.checkpoint import CheckpointError
 from lm2_jax.train.config import check_known_fields
 from lm2_jax.train.guards import NonFiniteError
 from lm2_jax.train.optimizer import learning_rate_schedule
-from test_trainer import small_config
+from test_trainer import packed_config, small_config
 
 BAD_SETTINGS = [
     ("train.batch_size", -8, "must be a positive integer"),
@@ -89,17 +89,23 @@ def test_binary_file_is_not_trained_on_as_text(tmp_path):
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """An uninterrupted 12-step run with checkpoints at steps 4, 8 and 12."""
-  workdir = tmp_path_factory.mktemp("trained")
-  trainer.train(twelve_steps(), str(workdir))
-  return workdir
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("docs")
 
 
-def twelve_steps():
-  config = small_config(steps=12)
+def twelve_steps(data_dir):
+  """small_config on packed documents with a memory carried between batches, 12 steps, checkpoints every 4."""
+  config = packed_config(data_dir, steps=12)
   config.checkpoint.every = 4
   return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """The uninterrupted run of twelve_steps: checkpoints at steps 4, 8 and 12."""
+  workdir = tmp_path_factory.mktemp("trained")
+  trainer.train(twelve_steps(data_dir), str(workdir))
+  return workdir
 
 
 def _array_files(step_dir):
@@ -149,12 +155,12 @@ def test_damaged_checkpoint_falls_back_to_the_newest_good_one(trained, tmp_path,
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]  # evaluation moves nothing
 
 
-def test_training_resumes_from_the_newest_good_checkpoint(trained, tmp_path):
+def test_training_resumes_from_the_newest_good_checkpoint(trained, data_dir, tmp_path):
   """Step 12 truncated: the run resumes at step 8, sets step 12 aside (not deleted), and trains the same step 12."""
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   _truncate(workdir / "checkpoints" / "12")
-  state = trainer.train(twelve_steps(), str(workdir))
+  state = trainer.train(twelve_steps(data_dir), str(workdir))
   chex.assert_trees_all_equal(state.params, _plain_orbax_state(trained, 12)["params"])
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
   assert os.listdir(workdir / "damaged_checkpoints") == ["12"]
@@ -250,13 +256,15 @@ def _losses(workdir):
   return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_sigterm_saves_and_the_resumed_run_is_bitwise_the_uninterrupted_one(trained, tmp_path):
+def test_sigterm_saves_and_the_resumed_run_is_bitwise_the_uninterrupted_one(trained, data_dir, tmp_path):
   """SIGTERM while a checkpoint is being saved (one every step): the run saves its step and exits within seconds;
-  resumed, its losses and parameters are bitwise those of the uninterrupted run (so the data state saved is the
-  one after the last completed step)."""
+  resumed, its losses, parameters and carried memory are bitwise those of the uninterrupted run (so the packer's
+  state saved is the one after the last completed step)."""
   run = tmp_path / "interrupted"
+  data = twelve_steps(data_dir).data
   proc = _launch("launch.train", "--config=tests/test_trainer.py:12", f"--workdir={run}",
-                 "--config.checkpoint.every=1")
+                 "--config.checkpoint.every=1", "--config.data.continuing_stream=True",
+                 *[f"--config.data.{k}={data[k]}" for k in ("kind", "paths", "shuffle_seed")])
   while not (run / "metrics.jsonl").exists() or len(_losses(run)) < 3:
     assert proc.poll() is None, proc.communicate()[1]
     time.sleep(0.02)
@@ -267,6 +275,7 @@ def test_sigterm_saves_and_the_resumed_run_is_bitwise_the_uninterrupted_one(trai
   assert proc.returncode == 128 + signal.SIGTERM, err
   stopped = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
   assert 3 <= stopped < 12 and max(int(s) for s in os.listdir(run / "checkpoints")) == stopped
-  resumed = trainer.train(twelve_steps(), str(run))
+  resumed = trainer.train(twelve_steps(data_dir), str(run))
   assert _losses(run) == _losses(trained)
-  chex.assert_trees_all_equal(resumed.params, _plain_orbax_state(trained, 12)["params"])
+  final = _plain_orbax_state(trained, 12)
+  chex.assert_trees_all_equal((resumed.params, resumed.memory), (final["params"], final["memory"]))

@@ -321,11 +321,15 @@ def train(config, workdir: str, data=None) -> TrainState:
           save()
       if stop.signum is not None:
         save()
+  except KeyboardInterrupt:  # a second Ctrl-C: quit now; an unfinished save is ignored on resume
+    ckpt = None
+    raise
   finally:
     progress.close()
     log.close()
-    ckpt.wait()
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.wait()
+      ckpt.close()
   if stop.signum is not None and step < t.steps:
     raise guards.Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {t.steps}; saved "
                              f"checkpoint {step} in {workdir}: run the same command to resume", stop.signum)
