@@ -70,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.every = 500
   config.checkpoint.keep = 3
 
+  config.distributed = ml_collections.ConfigDict()  # multi-process runs (lm2_jax.parallel.distributed)
+  config.distributed.coordinator_address = ""  # 'host:port' of process 0; '': detected (SLURM, TPU, ...) or one process
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1

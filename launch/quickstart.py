@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from launch import cli
 from lm2_jax.data import recall
 from lm2_jax.evaluate.recall import plot_learning_curves, recall_accuracy
+from lm2_jax.parallel import distributed
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
@@ -30,6 +31,7 @@ LENGTH_MULTIPLIERS = (1, 4)
 def main(argv):
   del argv
   base = cli.checked(_CONFIG.value)
+  distributed.initialize(base)
   t0 = time.time()
   results = {"chance": recall.from_config(base).chance, "steps": base.train.steps, "accuracy": {}, "train_s": {}}
   kinds = _KINDS.value

@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch import cli
+from lm2_jax.parallel import distributed
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -20,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   config = cli.checked(_CONFIG.value)
+  distributed.initialize(config)
   trainer.train(config, _WORKDIR.value)
 
 

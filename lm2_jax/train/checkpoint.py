@@ -1,8 +1,8 @@
 """Orbax checkpoints of a training run: DIR/checkpoints/<step>/{state, data, config, checksums}.
 
   state      params, opt_state, memory and step (orbax StandardSave: restorable with plain orbax calls)
-  data       the Grain iterator state (JSON) after the step, so a resumed run sees exactly the batches it would
-             have seen
+  data       every process's Grain iterator state (JSON, by process index) after the step, so a resumed run sees
+             exactly the batches it would have seen
   config     the run's config (JSON), checked against the resuming config before anything is restored
   checksums  a checksum of the bits of every array of `state` and a hash of `data` and `config`: storage passes
              bit rot on silently, a restore compares them
@@ -24,9 +24,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from lm2_jax.model.config import ConfigError
+from lm2_jax.parallel.distributed import allgather_json
 
 ITEMS = ("state", "data", "config", "checksums")
 # Config fields whose change makes a checkpoint unusable (shapes or meaning of the saved arrays), and the fields
@@ -110,6 +112,7 @@ class Checkpointer:
       raise CheckpointError(f"refusing to save step {step}: {nonfinite[0]} holds non-finite values "
                             f"({len(nonfinite)} arrays do); the checkpoints on disk are left as they are")
     config = config_json(config)
+    data_state = {"processes": allgather_json(data_state)}  # each process's own, by process index
     checksums = {"state": sums, "data": _json_hash(data_state), "config": _json_hash(config)}
     self.directory.mkdir(parents=True, exist_ok=True)
     self.manager.save(step, args=ocp.args.Composite(
@@ -140,6 +143,7 @@ class Checkpointer:
     (arrays or ShapeDtypeStructs) gives structure, shapes and dtypes; arrays land in `state_shardings`."""
     data_state = self._read_json(step, "data")
     self._check_hash(step, "data", data_state)
+    data_state = self._process_data_state(step, data_state)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             _as_dict(state_template), _as_dict(state_shardings))
     self._require(step, "state")
@@ -155,6 +159,17 @@ class Checkpointer:
     if nonfinite:
       raise self._damaged(step, f"item 'state': array {nonfinite[0]} holds non-finite values")
     return state_template.replace(**state), data_state
+
+  def _process_data_state(self, step: int, saved: dict[str, Any]) -> dict[str, Any]:
+    """This process's data state out of the data item (which holds one per process)."""
+    if "processes" not in saved:  # written by one process before the item held one state per process
+      saved = {"processes": [saved]}
+    count = len(saved["processes"])
+    if count != jax.process_count():
+      raise ConfigError(f"config.distributed.num_processes={jax.process_count()}: the checkpoint at step {step} in "
+                        f"{self.directory} was written by {count} processes, each with its own data state; resume "
+                        f"with {count} processes, or start in a new --workdir")
+    return saved["processes"][jax.process_index()]
 
   def newest_good(self, load: Callable[[int], Any], *, set_aside: bool = False):
     """`load(step)` of the newest step for which it raises no CheckpointError (`load` restores and verifies),
@@ -186,6 +201,7 @@ class Checkpointer:
       target.mkdir(parents=True, exist_ok=True)
       for step in steps:
         (self.directory / str(step)).rename(target / str(step))
+    multihost_utils.sync_global_devices("lm2_jax: damaged checkpoints set aside")
     self.manager.reload()
     return target
 

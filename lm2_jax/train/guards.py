@@ -20,6 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from lm2_jax.parallel.distributed import allgather_json
+
 
 class NonFiniteError(RuntimeError):
   """Training stopped at a step with a non-finite loss, gradient or update; the message is the diagnosis."""
@@ -109,15 +111,23 @@ class NonFiniteCheck:
 
 
 class StopSignals:
-  """`with StopSignals() as stop:` SIGINT and SIGTERM set `stop.signum` instead of interrupting; a second SIGINT
-  raises KeyboardInterrupt. Installed only in the main thread (signals reach no other); the previous handlers
+  """`with StopSignals() as stop:` SIGINT and SIGTERM set `stop.signum` instead of interrupting, for the loop to
+  ask `stop.requested()` at step boundaries; a second SIGINT raises KeyboardInterrupt. Installed only in the main thread (signals reach no other); the previous handlers
   come back on exit."""
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
     self.signum: int | None = None
+    self.agreed: int | None = None
     self._previous: dict[int, Any] = {}
+
+  def requested(self) -> bool:
+    """Whether to stop now: a signal reached any process (then `agreed` is its number). With several processes
+    a collective, so that all of them stop, and save, at the same step."""
+    received = [self.signum] if jax.process_count() == 1 else allgather_json(self.signum)
+    self.agreed = next((s for s in received if s is not None), None)
+    return self.agreed is not None
 
   def _handle(self, signum, frame) -> None:
     del frame

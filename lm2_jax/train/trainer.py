@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -25,13 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from lm2_jax.data.pipeline import make_batches
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError, check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
 from lm2_jax.train import guards
-from lm2_jax.train.checkpoint import Checkpointer, CheckpointError, config_json
+from lm2_jax.train.checkpoint import Checkpointer, config_json
 from lm2_jax.train.config import check_run_config
 from lm2_jax.train.loss import next_token_loss
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -219,14 +219,14 @@ class MetricsLog:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if jax.process_index() != 0:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is None:
       from tensorboardX import SummaryWriter  # no TensorFlow needed
@@ -278,13 +278,16 @@ def train(config, workdir: str, data=None) -> TrainState:
   setup = build(config)
   data = make_batches(config) if data is None else data
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
-  restored = ckpt.newest_good(
-      lambda step: (step, ckpt.check_compatible(step, config),
-                    *ckpt.restore(step, _abstract_state(setup), setup.state_shardings)), set_aside=True)
+
+  def load(step):
+    ckpt.check_compatible(step, config)
+    return (step, *ckpt.restore(step, _abstract_state(setup), setup.state_shardings))
+
+  restored = ckpt.newest_good(load, set_aside=True)
   if restored is None:
     start, state = 0, init_state(setup)
   else:
-    start, _, state, data_state = restored
+    start, state, data_state = restored
     data.set_state(data_state)
 
   step_fn = make_train_step(setup)
@@ -301,12 +304,11 @@ def train(config, workdir: str, data=None) -> TrainState:
 
   try:
     with use_mesh(setup.mesh), guards.StopSignals() as stop:
-      while step < t.steps and stop.signum is None:
+      while step < t.steps and not stop.requested():
         state, metrics = step_fn(state, put_batch(setup, next(data)))
         if step == start and jax.process_index() == 0:  # the data and config passed their checks
-          os.makedirs(workdir, exist_ok=True)
-          with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json(config), f, indent=2)
+          epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+          (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json(config), indent=2))
         step += 1
         nonfinite.push(step, metrics.pop("health"), metrics["learning_rate"])
         if step % t.log_every == 0 or step == t.steps:
@@ -319,7 +321,7 @@ def train(config, workdir: str, data=None) -> TrainState:
           progress.update(step, float(metrics["loss"]), metrics["tokens_per_s"])
         if step % config.checkpoint.every == 0 or step == t.steps:
           save()
-      if stop.signum is not None:
+      if stop.agreed is not None:
         save()
   except KeyboardInterrupt:  # a second Ctrl-C: quit now; an unfinished save is ignored on resume
     ckpt = None
@@ -330,7 +332,7 @@ def train(config, workdir: str, data=None) -> TrainState:
     if ckpt is not None:
       ckpt.wait()
       ckpt.close()
-  if stop.signum is not None and step < t.steps:
-    raise guards.Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {t.steps}; saved "
-                             f"checkpoint {step} in {workdir}: run the same command to resume", stop.signum)
+  if stop.agreed is not None:
+    raise guards.Interrupted(f"stopped by {signal.Signals(stop.agreed).name} at step {step} of {t.steps}; saved "
+                             f"checkpoint {step} in {workdir}: run the same command to resume", stop.agreed)
   return state
