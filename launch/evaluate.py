@@ -16,6 +16,7 @@ import json
 import os
 
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from launch import cli
@@ -89,9 +90,8 @@ def main(argv):
     if isinstance(value, dict):
       continue
     print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-  path = os.path.join(_WORKDIR.value, f"eval_{step}.json")
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+  path = epath.Path(_WORKDIR.value) / f"eval_{step}.json"
+  path.write_text(json.dumps(results, indent=2))
   print(f"wrote {path}")
 
 
