@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "absl-py",
         "array_record",
+        "etils[epath]",
         "flax>=0.10",
         "grain>=0.2.12",
         "jax>=0.6",
@@ -31,7 +32,7 @@ setup(
         # Hugging Face interop is torch-free; these are for checking it against `transformers`.
         "torch": ["torch", "transformers>=4.45"],
         # torch is capped at the CPU build this project's machines carry; newer releases work too.
-        "test": ["pytest", "pytest-xdist", "torch<2.14", "transformers>=4.45"],
+        "test": ["chex", "pytest", "pytest-xdist", "torch<2.14", "transformers>=4.45"],
         # The PyTorch peers of benchmarks/peers.py, at the versions its numbers were measured with.
         "peers": ["torch<2.14", "recurrent-memory-transformer-pytorch==0.7.0", "titans-pytorch==0.5.5"],
     },

@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 8
   config.train.seq_len = 1024
   config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 100
+  config.train.warmup_steps = 100       # clipped to steps - 1 when longer than the run
   config.train.final_lr_fraction = 0.1
   config.train.b1 = 0.9
   config.train.b2 = 0.95
@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_accum_steps = 1
   config.train.log_every = 50
   config.train.peak_flops = 0.0         # FLOP/s that `mfu` in metrics.jsonl is relative to (0: measured at start)
+  config.train.nonfinite = "stop"       # a step with a non-finite loss, gradient or update: 'stop' with a
+                                        # diagnosis (the last checkpoint is good), or 'skip' it (no update)
 
   config.eval = ml_collections.ConfigDict()  # BABILong evaluation (launch.evaluate, benchmarks.babilong)
   config.eval.lengths = "0,1024,2048,4096"  # tokens of distractor text and story
@@ -68,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 500
   config.checkpoint.keep = 3
+
+  config.distributed = ml_collections.ConfigDict()  # multi-process runs (lm2_jax.parallel.distributed)
+  config.distributed.coordinator_address = ""  # 'host:port' of process 0; '': detected (SLURM, TPU, ...) or one process
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import cli
 from lm2_jax.model import LM2Model, count_params, init_params
 from lm2_jax.train.loss import next_token_loss
 
@@ -25,8 +25,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 
 def main(argv):
   del argv
-  compile_cache.enable()
-  config = _CONFIG.value
+  config = cli.checked(_CONFIG.value)
   model = LM2Model(config.model)
   cfg = model.config
   counts = count_params(model)
@@ -73,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

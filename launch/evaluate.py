@@ -15,10 +15,11 @@ Prints the results and writes DIR/eval_<step>.json.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import cli
 from lm2_jax.data import recall
 from lm2_jax.data.pipeline import babilong_tasks, make_batches
 from lm2_jax.evaluate.babilong import babilong_results, write_report
@@ -81,19 +82,18 @@ def evaluate(config, setup, params, workdir: str, step: int) -> dict:
 
 def main(argv):
   del argv
-  compile_cache.enable()
-  config, setup, state = trainer.restore(_WORKDIR.value, _CONFIG.value, _STEP.value)
+  config, setup, state = trainer.restore(_WORKDIR.value, _CONFIG.value and cli.checked(_CONFIG.value),
+                                          _STEP.value)
   step = int(state.step)
   results = {"step": step, **evaluate(config, setup, state.params, _WORKDIR.value, step)}
   for name, value in results.items():
     if isinstance(value, dict):
       continue
     print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-  path = os.path.join(_WORKDIR.value, f"eval_{step}.json")
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+  path = epath.Path(_WORKDIR.value) / f"eval_{step}.json"
+  path.write_text(json.dumps(results, indent=2))
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

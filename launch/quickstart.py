@@ -12,12 +12,13 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import cli
 from lm2_jax.data import recall
 from lm2_jax.evaluate.recall import plot_learning_curves, recall_accuracy
+from lm2_jax.parallel import distributed
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
@@ -29,8 +30,8 @@ LENGTH_MULTIPLIERS = (1, 4)
 
 def main(argv):
   del argv
-  compile_cache.enable()
-  base = _CONFIG.value
+  base = cli.checked(_CONFIG.value)
+  distributed.initialize(base)
   t0 = time.time()
   results = {"chance": recall.from_config(base).chance, "steps": base.train.steps, "accuracy": {}, "train_s": {}}
   kinds = _KINDS.value
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

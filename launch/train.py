@@ -1,13 +1,16 @@
 r"""Trains a config: python -m launch.train --config=configs/quickstart.py --workdir=DIR [--config.field=value ...]
 
 The data comes from `config.data` (the built-in recall task, text files, ArrayRecord files or a TFDS dataset).
-Resumes from DIR/checkpoints when there are any. Ctrl-C saves a checkpoint before exiting.
+Resumes from the newest good checkpoint in DIR/checkpoints when there are any. Ctrl-C or SIGTERM saves a
+checkpoint before exiting (status 130 or 143). Errors in the config or data print as one line (--verbose or
+LM2_VERBOSE=1: the traceback).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import cli
+from lm2_jax.parallel import distributed
 from lm2_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -17,10 +20,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  compile_cache.enable()
-  config = _CONFIG.value
+  config = cli.checked(_CONFIG.value)
+  distributed.initialize(config)
   trainer.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

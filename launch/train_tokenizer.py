@@ -8,8 +8,9 @@ Writes tok/spm.model and tok/spm.vocab; set `config.data.tokenizer=tok/spm.model
 token ids (with bos/eos) for `config.data.kind='array_record'`.
 """
 
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from lm2_jax.data import sources
 from lm2_jax.data.tokenizer import train_tokenizer
 
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,8 +35,9 @@ def small_config(steps=4, kind="lm2", continuing=False):
   return config
 
 
-def _leaves_equal(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+def get_config(steps: str = "4"):
+  """small_config for the launchers: --config=tests/test_trainer.py:STEPS."""
+  return small_config(steps=int(steps))
 
 
 def test_sharded_train_step_matches_one_device():
@@ -52,9 +54,7 @@ def test_sharded_train_step_matches_one_device():
     results.append(jax.device_get((metrics, state.params, state.opt_state)))
   (m1, p1, o1), (m8, p8, o8) = results
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
-  jax.tree.map(close, p8, p1)
-  jax.tree.map(close, o8, o1)
+  chex.assert_trees_all_close((p8, o8), (p1, o1), atol=1e-5, rtol=1e-4)
 
 
 def packed_config(tmp_path, steps):
@@ -82,9 +82,7 @@ def test_resume_equals_uninterrupted(tmp_path, data):
   resumed = trainer.train(full, str(tmp_path / "b"))  # same workdir, longer run: resumes at step k
 
   assert int(resumed.step) == int(uninterrupted.step) == 2 * k
-  _leaves_equal(resumed.params, uninterrupted.params)  # bitwise on CPU
-  _leaves_equal(resumed.opt_state, uninterrupted.opt_state)
-  _leaves_equal(resumed.memory, uninterrupted.memory)
+  chex.assert_trees_all_equal(resumed, uninterrupted)  # bitwise on CPU: params, optimizer state, memory
   if continuing:  # the memory really is carried: it is not the fresh one
     assert not np.allclose(resumed.memory["slots"], trainer.build(full).model.init_memory(8)["slots"])
   # Both runs saw the same batches: their iterators stand at the same place.
@@ -100,8 +98,7 @@ def test_checkpoint_restores_with_plain_orbax(tmp_path):
   state = trainer.train(config, str(tmp_path))
   restored = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, "checkpoints", "2", "state"))
   assert set(restored) == {"step", "params", "opt_state", "memory"} and int(restored["step"]) == 2
-  _leaves_equal(restored["params"], state.params)
-  _leaves_equal(restored["memory"], state.memory)
+  chex.assert_trees_all_equal((restored["params"], restored["memory"]), (state.params, state.memory))
 
 
 def test_incompatible_checkpoint_is_refused_and_left_alone(tmp_path):
@@ -138,7 +135,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
   larger.train.update(dict(batch_size=16, warmup_steps=1))
   a = trainer.train(accumulated, str(tmp_path / "a"))
   b = trainer.train(larger, str(tmp_path / "b"))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6, rtol=1e-5), a.params, b.params)
+  chex.assert_trees_all_close(a.params, b.params, atol=2e-6, rtol=1e-5)
   assert not np.allclose(a.params["embed"]["embedding"], trainer.init_state(trainer.build(larger)).params["embed"]["embedding"])
 
 

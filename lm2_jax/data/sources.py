@@ -42,8 +42,7 @@ class TextFiles:
       raise ConfigError(f"config.data.text_split={split!r}: use one of {TEXT_SPLITS}")
     self.docs: list[str] = []
     for path in expand_paths(pattern):
-      with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+      text = _read_text(path)
       if not text.strip():
         raise ConfigError(f"config.data.paths: {path} is empty; remove it or fix the glob")
       if split == "file":
@@ -59,6 +58,20 @@ class TextFiles:
 
   def __getitem__(self, index: int) -> str:
     return self.docs[index]
+
+
+def _read_text(path: str, max_invalid: float = 0.01) -> str:
+  """The file's text; ConfigError for a file that is not UTF-8 text (NUL bytes, or more than `max_invalid` of
+  its characters undecodable): a binary file trained on as text is noise."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  text = raw.decode("utf-8", errors="replace")
+  invalid = text.count("\ufffd") / max(len(text), 1)
+  if b"\0" in raw or invalid > max_invalid:
+    why = "it holds NUL bytes" if b"\0" in raw else f"{invalid:.0%} of it is not valid UTF-8"
+    raise ConfigError(f"config.data.paths: {path} is not UTF-8 text ({why}); give text files, or token ids in "
+                      "ArrayRecord files with data.kind='array_record'")
+  return text
 
 
 class TokenRecords:

@@ -8,17 +8,15 @@ from typing import Any
 import jax
 import optax
 
-from lm2_jax.model.config import check
-
 
 def learning_rate_schedule(train_cfg: Any) -> optax.Schedule:
   """Per optimizer update: `train.steps` and `train.warmup_steps` count batches, and an update happens every
-  `grad_accum_steps` batches."""
-  check(0 <= train_cfg.warmup_steps < train_cfg.steps, "train.warmup_steps", train_cfg.warmup_steps,
-        f"must be in [0, train.steps={train_cfg.steps})")
+  `grad_accum_steps` batches. A warmup as long as the run is clipped to `steps - 1` (a short smoke run of a long
+  config just works). `train_cfg` is validated by lm2_jax.train.config.check_run_config."""
   k = train_cfg.grad_accum_steps
+  warmup = min(train_cfg.warmup_steps, train_cfg.steps - 1)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps // k,
+      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=warmup // k,
       decay_steps=max(train_cfg.steps // k, 1), end_value=train_cfg.learning_rate * train_cfg.final_lr_fraction)
 
 
@@ -31,7 +29,6 @@ def decay_mask(params) -> Any:
 
 
 def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
-  check(train_cfg.grad_accum_steps >= 1, "train.grad_accum_steps", train_cfg.grad_accum_steps, "must be >= 1")
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip_norm),
       optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,

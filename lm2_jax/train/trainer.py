@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import signal
 import sys
 import time
 from typing import Any
@@ -24,12 +24,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from lm2_jax.data.pipeline import make_batches
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError, check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
+from lm2_jax.train import guards
 from lm2_jax.train.checkpoint import Checkpointer, config_json
+from lm2_jax.train.config import check_run_config
 from lm2_jax.train.flops import measure_peak_flops, train_flops_per_token
 from lm2_jax.train.loss import next_token_loss
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -60,6 +63,7 @@ class Setup:
 
 def build(config, devices=None) -> Setup:
   """Model, optimizer, mesh (over `devices`, default all) and shardings of `config`."""
+  check_run_config(config)
   model = LM2Model(config.model)
   tx = make_optimizer(config.train)
   mesh = make_mesh(config.mesh, devices)
@@ -142,11 +146,14 @@ def make_train_step(setup: Setup):
         lambda p: _loss_fn(model, p, batch, memory), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    health = guards.step_health(loss, grads, params)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step // config.train.grad_accum_steps), **_memory_metrics(aux)}
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           memory=new_memory if continuing else state.memory)
-    return new_state, metrics
+               "learning_rate": schedule(state.step // config.train.grad_accum_steps), **_memory_metrics(aux),
+               "health": health}
+    updated = (params, opt_state, new_memory if continuing else state.memory)
+    if config.train.nonfinite == "skip":
+      updated = guards.keep_if(health["ok"], updated, (state.params, state.opt_state, state.memory))
+    return TrainState(state.step + 1, *updated), metrics
 
   # Batch arrays arrive placed by put_batch; their shardings are taken as they are.
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, None),
@@ -167,23 +174,29 @@ def make_eval_step(setup: Setup):
 
 
 def restore(workdir: str, config=None, step: int | None = None):
-  """(config, setup, state) of the checkpoint at `step` (default: the latest) in `workdir`. `config` defaults to
-  the one the checkpoint was written with; a given one must be compatible with it."""
-  ckpt = Checkpointer(workdir, keep=1)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-      raise ConfigError(f"--workdir={workdir!r}: no checkpoint at step {step}; the checkpoints there are "
-                        f"{sorted(ckpt.manager.all_steps())}")
+  """(config, setup, state) of the checkpoint at `step` in `workdir`, verified; without `step`, of the newest
+  checkpoint that verifies (a damaged one is reported and skipped, nothing is moved). `config` defaults to the
+  one the checkpoint was written with; a given one must be compatible with it."""
+  ckpt = Checkpointer(workdir)
+
+  def load(step):
     if config is None:
-      config = ml_collections.ConfigDict(ckpt.saved_config(step))
+      saved = ml_collections.ConfigDict(ckpt.saved_config(step))
     else:
+      saved = config
       ckpt.check_compatible(step, config)
-    setup = build(config)
-    state, _ = ckpt.restore(step, _abstract_state(setup), setup.state_shardings)
+    setup = build(saved)
+    return saved, setup, ckpt.restore(step, _abstract_state(setup), setup.state_shardings)[0]
+
+  try:
+    if step is not None and step not in ckpt.steps():
+      raise ConfigError(f"--step={step}: {workdir!r} has no checkpoint at that step; it has {ckpt.steps()}")
+    restored = ckpt.newest_good(load) if step is None else load(step)
+    if restored is None:
+      raise ConfigError(f"--workdir={workdir!r}: no checkpoint there; train one with launch.train")
   finally:
     ckpt.close()
-  return config, setup, state
+  return restored
 
 
 def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
@@ -207,14 +220,14 @@ class MetricsLog:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if jax.process_index() != 0:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is None:
       from tensorboardX import SummaryWriter  # no TensorFlow needed
@@ -265,48 +278,61 @@ class Progress:
 
 
 def train(config, workdir: str, data=None) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains `config` in `workdir`, resuming from its newest good checkpoint (a damaged one is reported and
+  moved to DIR/damaged_checkpoints/).
 
   `data`: an iterator of host batches with `get_state`/`set_state` (default: `make_batches(config)`).
   Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events and DIR/checkpoints/, each only once the first
-  step has run, so a run refused for bad input leaves the workdir as it was. Ctrl-C saves a checkpoint, then
-  re-raises.
+  step has run, so a run refused for bad input leaves the workdir as it was. A step with a non-finite loss,
+  gradient or update raises guards.NonFiniteError (or is skipped: `train.nonfinite`). SIGINT (Ctrl-C) and
+  SIGTERM stop the run after the current step: it saves a checkpoint, then raises guards.Interrupted.
   """
   t = config.train
   setup = build(config)
   data = make_batches(config) if data is None else data
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
-  start = ckpt.latest_step()
-  if start is None:
-    state = init_state(setup)
+
+  def load(step):
+    ckpt.check_compatible(step, config)
+    return (step, *ckpt.restore(step, _abstract_state(setup), setup.state_shardings))
+
+  restored = ckpt.newest_good(load, set_aside=True)
+  if restored is None:
+    start, state = 0, init_state(setup)
   else:
-    ckpt.check_compatible(start, config)
-    state, data_state = ckpt.restore(start, _abstract_state(setup), setup.state_shardings)
+    start, state, data_state = restored
     data.set_state(data_state)
-  start = int(start or 0)
 
   step_fn = make_train_step(setup)
   log = MetricsLog(workdir)
   progress = Progress(t.steps, start)
+  nonfinite = guards.NonFiniteCheck(t.nonfinite, ckpt.latest_step)
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token = train_flops_per_token(setup.model.config, t.seq_len)
   peak, peak_source = peak_flops(config)
   print(f"model FLOPs per token (train step): {flops_per_token:.4g}; peak {peak:.4g} FLOP/s, {peak_source}",
         flush=True)
-  step = start
+  step, last_t, last_step = start, time.perf_counter(), start
+
+  def save():
+    nonfinite.flush()  # only a finite state is saved
+    if step != (ckpt.latest_step() or 0):
+      ckpt.save(step, state, data.get_state(), config)  # the data state after this step: no batch is drawn early
+
   try:
-    with use_mesh(setup.mesh):
-      while step < t.steps:
+    with use_mesh(setup.mesh), guards.StopSignals() as stop:
+      while step < t.steps and not stop.requested():
         state, metrics = step_fn(state, put_batch(setup, next(data)))
         step += 1
         if step == start + 1:  # compiled, and the data and config passed their checks: the clock starts now
           jax.block_until_ready(metrics)
           last_t, last_step = time.perf_counter(), step
           if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-              json.dump(config_json(config), f, indent=2)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json(config), indent=2))
+        nonfinite.push(step, metrics.pop("health"), metrics["learning_rate"])
         if step % t.log_every == 0 or step == t.steps:
+          nonfinite.flush()
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           if step > last_step:  # tokens/s and MFU of the steps since the last row (never of the compiling step)
@@ -316,15 +342,19 @@ def train(config, workdir: str, data=None) -> TrainState:
           log.write(step, metrics)
           progress.update(step, float(metrics["loss"]), metrics.get("tokens_per_s"), metrics.get("mfu"))
         if step % config.checkpoint.every == 0 or step == t.steps:
-          ckpt.save(step, state, data.get_state(), config)
-  except KeyboardInterrupt:
-    if step > (ckpt.latest_step() or 0):
-      print(f"\ninterrupted: saving step {step} before exiting", flush=True)
-      ckpt.save(step, state, data.get_state(), config)
+          save()
+      if stop.agreed is not None:
+        save()
+  except KeyboardInterrupt:  # a second Ctrl-C: quit now; an unfinished save is ignored on resume
+    ckpt = None
     raise
   finally:
     progress.close()
     log.close()
-    ckpt.wait()
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.wait()
+      ckpt.close()
+  if stop.agreed is not None:
+    raise guards.Interrupted(f"stopped by {signal.Signals(stop.agreed).name} at step {step} of {t.steps}; saved "
+                             f"checkpoint {step} in {workdir}: run the same command to resume", stop.agreed)
   return state
