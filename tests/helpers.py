@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm2_jax.model import LM2Model, init_params
 from lm2_jax.model.config import default_model_config
@@ -36,3 +37,17 @@ def logits_fn(model, params):
 
 def random_tokens(seed, shape, vocab=64):
   return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def recompute_everything(model, params, prompt, new):
+  """Greedy decoding that runs the whole sequence from a fresh memory for every new token (padded to whole
+  segments: causal, so the padding is never read)."""
+  S = model.config.segment_len
+  T = -(-(len(prompt) + new) // S) * S
+  apply = jax.jit(lambda t: model.apply({"params": params}, t)[0])
+  seq = list(prompt)
+  for _ in range(new):
+    toks = np.zeros((1, T), np.int32)
+    toks[0, :len(seq)] = seq
+    seq.append(int(jnp.argmax(apply(toks)[0, len(seq) - 1])))
+  return seq[len(prompt):]

@@ -78,18 +78,27 @@ def _batch_shardings(mesh) -> dict[str, Any]:
           "new_document": logical_shardings(("batch",), mesh)}
 
 
-def _boxed_state(model: LM2Model, tx, config, rng) -> TrainState:
-  tokens = jnp.zeros((1, model.config.segment_len), jnp.int32)
-  params = model.init(rng, tokens)["params"]  # boxed: the optimizer state inherits the logical axes
+def _state(model: LM2Model, tx, config, params) -> TrainState:
+  """Step 0 of `params`: a fresh optimizer state and training memory."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     memory=model.init_memory(config.train.batch_size))
 
 
-def init_state(setup: Setup) -> TrainState:
-  """A fresh state, created directly in its sharded layout."""
-  rng = jax.random.key(setup.config.train.seed)
-  create = lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, rng))
+def _boxed_state(model: LM2Model, tx, config, rng) -> TrainState:
+  tokens = jnp.zeros((1, model.config.segment_len), jnp.int32)
+  params = model.init(rng, tokens)["params"]  # boxed: the optimizer state inherits the logical axes
+  return _state(model, tx, config, params)
+
+
+def init_state(setup: Setup, params=None) -> TrainState:
+  """A fresh state, created directly in its sharded layout; `params` (e.g. imported weights, the structure
+  `init_params` gives) replace the initialisation."""
   with use_mesh(setup.mesh):
+    if params is not None:
+      create = lambda p: _state(setup.model, setup.tx, setup.config, p)
+      return jax.jit(create, out_shardings=setup.state_shardings)(params)
+    rng = jax.random.key(setup.config.train.seed)
+    create = lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, rng))
     return jax.jit(create, out_shardings=setup.state_shardings)()
 
 
@@ -170,10 +179,13 @@ def restore(workdir: str, config=None, step: int | None = None):
   the one the checkpoint was written with; a given one must be compatible with it."""
   ckpt = Checkpointer(workdir, keep=1)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-      raise ConfigError(f"--workdir={workdir!r}: no checkpoint at step {step}; the checkpoints there are "
-                        f"{sorted(ckpt.manager.all_steps())}")
+    steps = sorted(ckpt.manager.all_steps())
+    if not steps:
+      raise ConfigError(f"--workdir={workdir!r}: no checkpoints in {ckpt.directory}; give the workdir of a "
+                        "training run (python -m launch.train --config=... --workdir=DIR writes them)")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ConfigError(f"--step={step}: no checkpoint at that step in {workdir!r}; the steps there are {steps}")
     if config is None:
       config = ml_collections.ConfigDict(ckpt.saved_config(step))
     else:
@@ -183,6 +195,26 @@ def restore(workdir: str, config=None, step: int | None = None):
   finally:
     ckpt.close()
   return config, setup, state
+
+
+def start_from(config, workdir: str, params) -> None:
+  """Writes a step-0 checkpoint of `params` (e.g. imported weights) with a fresh optimizer state, training memory
+  and data iterator, so that `train(config, workdir)` starts from them. Refuses a workdir with checkpoints."""
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+  try:
+    if ckpt.latest_step() is not None:
+      raise ConfigError(f"--workdir={workdir!r}: already holds checkpoints (steps {ckpt.manager.all_steps()}); "
+                        "give a new workdir")
+    data_state = make_batches(config).get_state()
+    ckpt.save(0, init_state(build(config), params), data_state, config)
+  finally:
+    ckpt.close()
+  _write_config(workdir, config)
+
+
+def _write_config(workdir: str, config) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_json(config), f, indent=2)
 
 
 def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
@@ -283,8 +315,7 @@ def train(config, workdir: str, data=None) -> TrainState:
         state, metrics = step_fn(state, put_batch(setup, next(data)))
         if step == start and jax.process_index() == 0:  # the data and config passed their checks
           os.makedirs(workdir, exist_ok=True)
-          with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json(config), f, indent=2)
+          _write_config(workdir, config)
         step += 1
         if step % t.log_every == 0 or step == t.steps:
           metrics = jax.device_get(metrics)
