@@ -30,7 +30,7 @@ from lm2_jax.data.pipeline import tokenizer_for
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.model import LM2Model, init_params
 from lm2_jax.model.config import ConfigError
-from lm2_jax.sessions.session import Session
+from lm2_jax.sessions.session import check_saved
 from lm2_jax.train import trainer
 from lm2_jax.train.checkpoint import config_json
 
@@ -56,7 +56,7 @@ def export(out: str, config, params, tokenizer: Tokenizer, session: str | None =
   if os.path.exists(out):
     raise ConfigError(f"--out={out!r}: already exists; give a new directory (an export never overwrites)")
   if session is not None:
-    Session.restore(session, params, config, tokenizer)
+    check_saved(session, params, config)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
   try:

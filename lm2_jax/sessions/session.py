@@ -132,28 +132,37 @@ class Session:
   @classmethod
   def restore(cls, path: str, params, config, tokenizer: Tokenizer) -> "Session":
     """A session continuing exactly where `save` left it. Refuses a state saved under another model config or
-    with params of other shapes, naming both."""
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, "session.json")
-    if not os.path.isfile(meta_path):
-      raise ConfigError(f"session {path!r}: no session.json there; give a directory written by Session.save")
-    with open(meta_path) as f:
-      meta = json.load(f)
+    with params of other shapes, naming both (`check_saved`)."""
+    meta = check_saved(path, params, config)
     s = cls(params, config, tokenizer)
-    if meta["model_config"] != _describe(s.config):
-      diff = {k: (meta["model_config"].get(k), v) for k, v in _describe(s.config).items()
-              if meta["model_config"].get(k) != v}
-      raise ConfigError(f"session {path!r}: saved under another model config; (saved, given) per field: {diff}")
-    if meta["param_shapes"] != _shapes(params):
-      diff = [(k, meta["param_shapes"].get(k), v) for k, v in _shapes(params).items()
-              if meta["param_shapes"].get(k) != v]
-      raise ConfigError(f"session {path!r}: saved with params of other shapes; (name, saved, given): {diff[:3]}")
     with ocp.StandardCheckpointer() as ckpt:
-      memory = ckpt.restore(os.path.join(path, "memory"), jax.tree.map(np.asarray, s.state.memory))
+      memory = ckpt.restore(os.path.join(os.path.abspath(path), "memory"), jax.tree.map(np.asarray, s.state.memory))
     st = s.state.replace(memory=jax.tree.map(jax.numpy.asarray, memory))
     s.state = s._dec.feed(s.params, st, [meta["pending"]])
     s.position, s.history = meta["position"], meta["history"]
     return s
+
+
+def check_saved(path: str, params, config) -> dict[str, Any]:
+  """The metadata of a session saved at `path` (Session.save), after checking that it was saved under the same
+  model config and with params of the same shapes; refuses otherwise, naming both."""
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "session.json")
+  if not os.path.isfile(meta_path):
+    raise ConfigError(f"session {path!r}: no session.json there; give a directory written by Session.save")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  described = _describe(_model_config(config))
+  if meta["model_config"] != described:
+    diff = {k: (meta["model_config"].get(k), v) for k, v in described.items() if meta["model_config"].get(k) != v}
+    raise ConfigError(f"session {path!r}: saved under another model config; (saved, given) per field: {diff}; "
+                      "restore it with the model it was saved with")
+  if meta["param_shapes"] != _shapes(params):
+    diff = [(k, meta["param_shapes"].get(k), v) for k, v in _shapes(params).items()
+            if meta["param_shapes"].get(k) != v]
+    raise ConfigError(f"session {path!r}: saved with params of other shapes; (name, saved, given): {diff[:3]}; "
+                      "restore it with the params it was saved with")
+  return meta
 
 
 def _describe(config: ModelConfig) -> dict[str, Any]:
