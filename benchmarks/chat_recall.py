@@ -63,7 +63,7 @@ def main(argv):
   print(f"launch.chat accuracy: {np.mean(np.array(answers) == want):.3f} ({seconds:.1f} s for the chat process)")
   print(f"plain forward (teacher-forced) accuracy on the same queries: {np.mean(teacher == want):.3f}")
   print(f"chat answer == forward argmax: {np.mean(np.array(answers) == teacher):.3f}")
-  print("chat command: " + " ".join(command[1:]) + " < script  (per sample: /reset, /inject CONTEXT, QUESTION)")
+  print(f"chat: python {' '.join(command[1:])} < script of {len(qs)} x (/reset, /inject CONTEXT, QUESTION)")
 
 
 if __name__ == "__main__":

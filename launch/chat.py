@@ -108,7 +108,10 @@ class Chat:
                  if stats else "read statistics: none (this memory kind has no slots)")
     for name, rows in stats.items():
       for layer, mass in enumerate(np.atleast_2d(np.asarray(rows, np.float64))):
-        p = mass / max(mass.sum(), 1e-12)
+        if not mass.sum() > 0:
+          lines.append(f"  {name}[{layer}]: {len(mass)} slots, not read yet (no segment has been completed)")
+          continue
+        p = mass / mass.sum()
         entropy = float(-(p * np.log(p + 1e-12)).sum())
         top = " ".join(f"{j}:{mass[j]:.3f}" for j in np.argsort(-mass)[:4])
         lines.append(f"  {name}[{layer}]: {len(mass)} slots, entropy {entropy:.2f} of {np.log(len(mass)):.2f}, "
