@@ -197,8 +197,7 @@ def _read_memory(path: str) -> tuple[dict[str, np.ndarray] | None, dict[str, Any
   if not os.path.exists(full):
     return None, None
   with safe_open(full, framework="numpy") as f:
-    saved = json.loads((f.metadata() or {}).get("model_config", "null"))
-  return load_file(full), saved
+    return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("model_config", "null"))
 
 
 def _set_memory(params, cfg: ModelConfig, tensors: dict[str, np.ndarray], path: str):
