@@ -1,7 +1,10 @@
 """Small configs and utilities shared by the tests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm2_jax.model import LM2Model, init_params
 from lm2_jax.model.config import default_model_config
@@ -36,3 +39,25 @@ def logits_fn(model, params):
 
 def random_tokens(seed, shape, vocab=64):
   return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def forward(config):
+  """jit (params, tokens) -> (logits, memory after them) from a fresh memory; one per ModelConfig, so that calls
+  with the same shapes share one compilation."""
+  model = LM2Model(config)
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens)[:2])
+
+
+def recompute_everything(model, params, prompt, new, length=None):
+  """Greedy decoding that runs the whole sequence from a fresh memory for every new token, padded to `length`
+  (default: whole segments; causal, so the padding is never read)."""
+  S = model.config.segment_len
+  T = length or -(-(len(prompt) + new) // S) * S
+  apply = forward(model.config)
+  seq = list(prompt)
+  for _ in range(new):
+    toks = np.zeros((1, T), np.int32)
+    toks[0, :len(seq)] = seq
+    seq.append(int(jnp.argmax(apply(params, toks)[0][0, len(seq) - 1])))
+  return seq[len(prompt):]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import build, tiny_config
+from helpers import build, recompute_everything, tiny_config
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
 from lm2_jax.model.layers import Attention, rope_tables
@@ -19,19 +19,6 @@ NEW = 12
 LENGTHS = (5, 8, 13, 3, 16)
 
 
-def _recompute_everything(model, params, prompt, new):
-  """Greedy decoding that runs the whole sequence from a fresh memory for every new token (padded to 4
-  segments: causal, so the padding is never read)."""
-  T = 4 * model.config.segment_len
-  apply = jax.jit(lambda t: model.apply({"params": params}, t)[0])
-  seq = list(prompt)
-  for _ in range(new):
-    toks = np.zeros((1, T), np.int32)
-    toks[0, :len(seq)] = seq
-    seq.append(int(jnp.argmax(apply(toks)[0, len(seq) - 1])))
-  return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("kind,fields", [("none", {}), ("lm2", {}), ("lm2", {"memory_share_across_layers": True}),
                                          ("hierarchical", {}), ("rmt", {})],
                          ids=["none", "lm2", "lm2_shared", "hierarchical", "rmt"])
@@ -41,7 +28,7 @@ def test_cached_decoding_equals_recomputing_everything_and_a_batch_equals_each_a
   prompts = [rng.integers(4, 64, n).tolist() for n in LENGTHS]
   batch = generate(model, params, prompts, Sampling(max_new_tokens=NEW))
   for prompt, got in zip(prompts, batch):  # the reference runs each prompt alone
-    assert got == _recompute_everything(model, params, prompt, NEW)
+    assert got == recompute_everything(model, params, prompt, NEW)
   if kind == "lm2" and not fields:  # and cached decoding of a prompt alone (batch 1) gives what it gives in the batch
     assert [generate(model, params, [p], Sampling(max_new_tokens=NEW))[0] for p in prompts[:2]] == batch[:2]
 

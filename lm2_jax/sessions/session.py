@@ -134,30 +134,39 @@ class Session:
   @classmethod
   def restore(cls, path: str, params, config, tokenizer: Tokenizer) -> "Session":
     """A session continuing exactly where `save` left it. Refuses a state saved under another model config or
-    with params of other shapes, naming both."""
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, "session.json")
-    if not os.path.isfile(meta_path):
-      raise ConfigError(f"session {path!r}: no session.json there; give a directory written by Session.save")
-    with open(meta_path) as f:
-      meta = json.load(f)
+    with params of other shapes, naming both (`check_saved`)."""
+    meta = check_saved(path, params, config)
     s = cls(params, config, tokenizer)
-    saved, given = _flat(meta["model_config"]), _flat(_describe(s.config))
-    if saved != given:
-      diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
-      raise ConfigError(f"session {path!r}: saved under another model config; (saved, given) per field: {diff}")
-    if meta["param_shapes"] != _shapes(params):
-      diff = [(k, meta["param_shapes"].get(k), v) for k, v in _shapes(params).items()
-              if meta["param_shapes"].get(k) != v]
-      raise ConfigError(f"session {path!r}: saved with params of other shapes; (name, saved, given): {diff[:3]}")
     memory = s.state.memory
-    if jax.tree.leaves(memory):
+    if jax.tree.leaves(memory):  # memory kind 'none' saved none
       with ocp.StandardCheckpointer() as ckpt:
-        memory = ckpt.restore(os.path.join(path, "memory"), jax.tree.map(np.asarray, memory))
+        memory = ckpt.restore(os.path.join(os.path.abspath(path), "memory"), jax.tree.map(np.asarray, memory))
     st = s.state.replace(memory=jax.tree.map(jax.numpy.asarray, memory))
     s.state = s._dec.feed(s.params, st, [meta["pending"]])
     s.position, s.history = meta["position"], meta["history"]
     return s
+
+
+def check_saved(path: str, params, config) -> dict[str, Any]:
+  """The metadata of a session saved at `path` (Session.save), after checking that it was saved under the same
+  model config and with params of the same shapes; refuses otherwise, naming both."""
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "session.json")
+  if not os.path.isfile(meta_path):
+    raise ConfigError(f"session {path!r}: no session.json there; give a directory written by Session.save")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  saved, given = _flat(meta["model_config"]), _flat(_describe(_model_config(config)))
+  if saved != given:
+    diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
+    raise ConfigError(f"session {path!r}: saved under another model config; (saved, given) per field: {diff}; "
+                      "restore it with the model it was saved with")
+  if meta["param_shapes"] != _shapes(params):
+    diff = [(k, meta["param_shapes"].get(k), v) for k, v in _shapes(params).items()
+            if meta["param_shapes"].get(k) != v]
+    raise ConfigError(f"session {path!r}: saved with params of other shapes; (name, saved, given): {diff[:3]}; "
+                      "restore it with the params it was saved with")
+  return meta
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

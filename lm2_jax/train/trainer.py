@@ -83,18 +83,27 @@ def _batch_shardings(mesh) -> dict[str, Any]:
           "new_document": logical_shardings(("batch",), mesh)}
 
 
-def _boxed_state(model: LM2Model, tx, config, rng) -> TrainState:
-  tokens = jnp.zeros((1, model.config.segment_len), jnp.int32)
-  params = model.init(rng, tokens)["params"]  # boxed: the optimizer state inherits the logical axes
+def _state(model: LM2Model, tx, config, params) -> TrainState:
+  """Step 0 of `params`: a fresh optimizer state and training memory."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     memory=model.init_memory(config.train.batch_size))
 
 
-def init_state(setup: Setup) -> TrainState:
-  """A fresh state, created directly in its sharded layout."""
-  rng = jax.random.key(setup.config.train.seed)
-  create = lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, rng))
+def _boxed_state(model: LM2Model, tx, config, rng) -> TrainState:
+  tokens = jnp.zeros((1, model.config.segment_len), jnp.int32)
+  params = model.init(rng, tokens)["params"]  # boxed: the optimizer state inherits the logical axes
+  return _state(model, tx, config, params)
+
+
+def init_state(setup: Setup, params=None) -> TrainState:
+  """A fresh state, created directly in its sharded layout; `params` (e.g. imported weights, the structure
+  `init_params` gives) replace the initialisation."""
   with use_mesh(setup.mesh):
+    if params is not None:
+      create = lambda p: _state(setup.model, setup.tx, setup.config, p)
+      return jax.jit(create, out_shardings=setup.state_shardings)(params)
+    rng = jax.random.key(setup.config.train.seed)
+    create = lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, rng))
     return jax.jit(create, out_shardings=setup.state_shardings)()
 
 
@@ -197,6 +206,26 @@ def restore(workdir: str, config=None, step: int | None = None):
   finally:
     ckpt.close()
   return restored
+
+
+def start_from(config, workdir: str, params) -> None:
+  """Writes a step-0 checkpoint of `params` (e.g. imported weights) with a fresh optimizer state, training memory
+  and data iterator, so that `train(config, workdir)` starts from them. Refuses a workdir with checkpoints."""
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+  try:
+    if ckpt.latest_step() is not None:
+      raise ConfigError(f"--workdir={workdir!r}: already holds checkpoints (steps {ckpt.manager.all_steps()}); "
+                        "give a new workdir")
+    data_state = make_batches(config).get_state()
+    ckpt.save(0, init_state(build(config), params), data_state, config)
+  finally:
+    ckpt.close()
+  _write_config(workdir, config)
+
+
+def _write_config(workdir: str, config) -> None:
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json(config), indent=2))
 
 
 def put_batch(setup: Setup, batch: dict[str, np.ndarray]):
@@ -328,8 +357,7 @@ def train(config, workdir: str, data=None) -> TrainState:
           jax.block_until_ready(metrics)
           last_t, last_step = time.perf_counter(), step
           if jax.process_index() == 0:
-            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-            (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json(config), indent=2))
+            _write_config(workdir, config)
         nonfinite.push(step, metrics.pop("health"), metrics["learning_rate"])
         if step % t.log_every == 0 or step == t.steps:
           nonfinite.flush()
