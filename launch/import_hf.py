@@ -15,7 +15,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch import cli
-
 from lm2_jax.interop import hf_llama
 from lm2_jax.train import trainer
 
