@@ -34,6 +34,7 @@ import numpy as np
 
 from lm2_jax.model import LM2Model, ModelConfig
 from lm2_jax.model.config import ConfigError
+from lm2_jax.model.memory.protocol import select_rows
 
 
 @flax.struct.dataclass
@@ -131,7 +132,7 @@ class Decoder:
 
       def write(st):
         memory, _ = segment(params, st.memory, st.segment_BS, full_B)
-        cache = _select_cache(full_B, start(params, memory, B), st.cache)
+        cache = select_rows(full_B, start(params, memory, B), st.cache, batch_axis=1)  # [layers, B, ...]
         return DecodeState(memory, cache, jnp.where(full_B, 0, st.pos_B), st.segment_BS, st.logits_BV)
 
       return jax.lax.cond(full_B.any(), write, lambda st: st, st)
@@ -261,11 +262,6 @@ def strip_stop_strings(text: str, stops: Sequence[str]) -> str:
   """The text before the first stop string."""
   cut = min([text.index(s) for s in stops if s in text], default=len(text))
   return text[:cut]
-
-
-def _select_cache(rows_B, a, b):
-  """Per row: cache a where rows_B, else b (cache arrays [layers, B, ...])."""
-  return jax.tree.map(lambda x, y: jnp.where(rows_B.reshape(1, -1, *([1] * (x.ndim - 2))), x, y), a, b)
 
 
 @functools.lru_cache(maxsize=16)
