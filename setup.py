@@ -32,7 +32,7 @@ setup(
         # Hugging Face interop is torch-free; these are for checking it against `transformers`.
         "torch": ["torch", "transformers>=4.45"],
         # torch is capped at the CPU build this project's machines carry; newer releases work too.
-        "test": ["chex", "pytest", "pytest-xdist", "torch<2.14", "transformers>=4.45"],
+        "test": ["chex", "ipykernel", "nbclient", "pytest", "pytest-xdist", "torch<2.14", "transformers>=4.45"],
         # The PyTorch peers of benchmarks/peers.py, at the versions its numbers were measured with.
         "peers": ["torch<2.14", "recurrent-memory-transformer-pytorch==0.7.0", "titans-pytorch==0.5.5"],
     },

@@ -80,4 +80,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  config.mesh.dcn_data = 1  # > 1: the data axis spans this many TPU slices (or hosts) over the data-centre network
   return config

@@ -20,13 +20,15 @@ def _free_port() -> int:
 
 
 def _train_two_processes(workdir, steps):
-  """launch.train as processes 0 and 1 of one run, one CPU device each."""
+  """launch.train as processes 0 and 1 of one run, one CPU device each, the data axis split over the two
+  processes as over the slices of a multi-slice run (mesh.dcn_data=2)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "launch.train", f"--config=tests/test_trainer.py:{steps}", f"--workdir={workdir}",
        "--config.checkpoint.every=100", f"--config.distributed.coordinator_address=localhost:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       "--config.mesh.dcn_data=2"],  # data parallel across the two processes as across two slices
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   for proc in procs:
     _, err = proc.communicate(timeout=600)

@@ -14,6 +14,13 @@ def test_mesh_sizes():
   assert make_mesh({"data": -1, "fsdp": 2, "tensor": 2}).shape == {"data": 2, "fsdp": 2, "tensor": 2}
   with pytest.raises(ConfigError, match="mesh"):
     make_mesh({"data": 3, "fsdp": 1, "tensor": 1})
+  # Every device once, in the order of the device list for a plain CPU reshape.
+  mesh = make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+  with pytest.raises(ConfigError, match="mesh.dcn_data.*there are 1 processes"):
+    make_mesh({"data": -1, "dcn_data": 2})  # one process cannot be two granules
+  with pytest.raises(ConfigError, match="mesh.dcn_data"):
+    make_mesh({"data": -1, "dcn_data": 3})  # 3 does not divide 8 devices
 
 
 @pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt"])

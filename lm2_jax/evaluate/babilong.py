@@ -125,12 +125,11 @@ def markdown_table(models: dict[str, dict], tasks: Sequence[str], lengths: Seque
 def plot_heatmap(models: dict[str, dict], tasks: Sequence[str], lengths: Sequence[int], path: str) -> None:
   """One heatmap per model (lengths x tasks, accuracy %), side by side, as a PNG; cells not run are grey."""
   import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # not pyplot: no global backend switch, no open figures
 
   n = len(models)
-  fig, axes = plt.subplots(1, n, figsize=(1.0 + 0.55 * len(tasks) * n + 0.6 * n, 0.45 * len(lengths) + 1.4),
-                           squeeze=False)
+  fig = Figure(figsize=(1.0 + 0.55 * len(tasks) * n + 0.6 * n, 0.45 * len(lengths) + 1.4))
+  axes = fig.subplots(1, n, squeeze=False)
   for ax, (name, result) in zip(axes[0], models.items()):
     grid = np.array([[np.nan if result["accuracy"][t].get(str(l)) is None else 100 * result["accuracy"][t][str(l)]
                       for t in tasks] for l in lengths])
@@ -143,7 +142,6 @@ def plot_heatmap(models: dict[str, dict], tasks: Sequence[str], lengths: Sequenc
     ax.set_title(name)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def write_report(models: dict[str, dict], tasks: Sequence[str], lengths: Sequence[int], prefix: str,

@@ -23,11 +23,10 @@ def recall_accuracy(setup: trainer.Setup, params, task: RecallTask, *, num_sampl
 
 def plot_learning_curves(workdirs: dict[str, str], path: str) -> None:
   """Loss and answer accuracy against step for each run (DIR/metrics.jsonl), side by side, as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # not pyplot: no global backend switch (notebooks keep theirs)
 
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+  fig = Figure(figsize=(10, 4))
+  ax_loss, ax_acc = fig.subplots(1, 2)
   for name, workdir in workdirs.items():
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
@@ -41,4 +40,3 @@ def plot_learning_curves(workdirs: dict[str, str], path: str) -> None:
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
