@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -26,7 +27,7 @@ CONTEXT = " ".join(map(str, range(100, 140)))
 
 
 def _equal(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 
 def _logits(config, params, tokens):

@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,8 +93,7 @@ def test_load_into_memory_model_keeps_llama_and_fresh_memory(tmp_path):
   # Memory parameters: exactly a fresh initialisation with that key.
   fresh = init_params(LM2Model(config), jax.random.key(3))
   assert "memory" in params["decoder"]["layers_1_2"] and "memory" not in params["decoder"]["layers_0_1"]
-  jax.tree.map(np.testing.assert_array_equal, params["decoder"]["layers_1_2"]["memory"],
-               fresh["decoder"]["layers_1_2"]["memory"])
+  chex.assert_trees_all_equal(params["decoder"]["layers_1_2"]["memory"], fresh["decoder"]["layers_1_2"]["memory"])
   # Llama weights: the per-layer slices equal the plain Llama's.
   np.testing.assert_array_equal(params["decoder"]["layers_0_1"]["attn"]["q_proj"]["kernel"][0],
                                 llama_params["decoder"]["layers_0_2"]["attn"]["q_proj"]["kernel"][0])
@@ -118,7 +118,7 @@ def test_load_into_rmt_model_keeps_llama_and_fresh_memory(tmp_path):
   rmt.memory.num_slots = 4
   config, params = hf_llama.load(str(tmp_path), rmt, rng=jax.random.key(3))
   fresh = init_params(LM2Model(config), jax.random.key(3))
-  jax.tree.map(np.testing.assert_array_equal, params["decoder"]["memory"], fresh["decoder"]["memory"])
+  chex.assert_trees_all_equal(params["decoder"]["memory"], fresh["decoder"]["memory"])
   hf_llama.save(params, config, str(tmp_path / "out"))
   back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
   tokens = np.random.default_rng(1).integers(0, BASE["vocab_size"], (1, 20))

@@ -1,5 +1,6 @@
 """Behaviour of the decoder with segment recurrence: causality, memory, gradients, layouts, dtypes."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,9 +105,8 @@ def test_scan_layers_matches_unscanned(kind, layers):
   loss_s, mem_s, g_s = run(scanned, p_scan)
   loss_l, mem_l, g_l = run(loop, p_loop)
   np.testing.assert_allclose(loss_s, loss_l, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), mem_s, mem_l)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_s,
-               scan_layout(g_l, loop.config))
+  chex.assert_trees_all_close(mem_s, mem_l, atol=1e-5, rtol=1e-4)
+  chex.assert_trees_all_close(g_s, scan_layout(g_l, loop.config), atol=1e-5, rtol=1e-4)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
@@ -123,7 +123,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 def test_memory_state_and_read_statistics():
   model, params = build(tiny_config("lm2"))
   mem = model.init_memory(3)
-  assert mem["slots"].shape == (2, 3, 6, 32) and mem["read_mass"].shape == (2, 3, 6)
+  chex.assert_shape((mem["slots"], mem["read_mass"]), ((2, 3, 6, 32), (2, 3, 6)))
   np.testing.assert_array_equal(mem["slots"][0, 0], np.eye(6, 32))  # identity-like start
   _, new_mem, aux = model.apply({"params": params}, random_tokens(0, (3, 2 * SEG)), mem)
   # aux read mass: the mean over tokens, heads and segments of a softmax over slots, so it sums to 1.
@@ -198,7 +198,7 @@ def test_memory_passed_between_calls_continues_the_stream(kind):
   first, mem, _ = model.apply({"params": params}, tokens[:, :2 * SEG])
   second, second_mem, _ = model.apply({"params": params}, tokens[:, 2 * SEG:], mem)
   np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5, rtol=0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), second_mem, whole_mem)
+  chex.assert_trees_all_close(second_mem, whole_mem, atol=1e-5, rtol=0)
 
 
 def test_rmt_memory_tokens():

@@ -1,5 +1,6 @@
 """The model on a mesh of 8 CPU devices (data=2, fsdp=2, tensor=2) computes what it computes on one device."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,10 +50,7 @@ def test_sharded_forward_and_grad_match_one_device(kind):
     (_, (logits, mem)), grads = sharded(jax.device_put(params, p_sh), jax.device_put(tokens, t_sh),
                                      jax.device_put(model.init_memory(4), m_sh))
   # Float32 tolerance: sharded matmuls sum in another order (differences of ~1e-5 on logits of ~0.5).
-  close = lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-3)
-  close(logits, want_logits)
-  jax.tree.map(close, mem, want_mem)
-  jax.tree.map(close, grads, want_grads)
+  chex.assert_trees_all_close((logits, mem, grads), (want_logits, want_mem, want_grads), atol=5e-5, rtol=1e-3)
   assert len(grads["embed"]["embedding"].sharding.device_set) == 8
   if kind == "hierarchical":  # banks split over the tensor axis (logical axis mem_banks)
     assert m_sh["bank_slots"].spec[2] == "tensor" and mem["bank_slots"].sharding.spec[2] == "tensor"
