@@ -113,10 +113,12 @@ def pool_update(state, new_BKD, valid_BK, drop_BN):
   new = {**state, "pool": pool, "filled": filled, "age": age, "clock": clock_B}
   if "store" in state:
     C = state["store"].shape[1]
+    keep_BX = jnp.concatenate([state["store_filled"] > 0, drop_BN & (state["filled"] > 0)], axis=1)
+    tokens_BXD = jnp.concatenate([state["store"], state["pool"]], axis=1)
     new["store"], new["store_filled"], new["store_age"] = compact(
-        jnp.concatenate([state["store"], state["pool"]], axis=1),
-        jnp.concatenate([state["store_filled"] > 0, drop_BN & (state["filled"] > 0)], axis=1),
-        jnp.concatenate([state["store_age"], state["age"]], axis=1), C)
+        tokens_BXD, keep_BX, jnp.concatenate([state["store_age"], state["age"]], axis=1), C)
+    dropped_at = jnp.broadcast_to(clock_B[:, None], drop_BN.shape)
+    new["store_time"] = compact(tokens_BXD, keep_BX, jnp.concatenate([state["store_time"], dropped_at], axis=1), C)[2]
   return new
 
 
@@ -130,7 +132,8 @@ def top_r_mask(scores_BLC, filled_BC, r: int):
 @register("memoryllm")
 class MemoryLLM(LayerMemory):
   """Pool read as a prefix (`out.kv`), written by the layer's second pass (`self_update`); module docstring.
-  Statistics: `pool_filled` (share of filled slots) [B]; mplus also `store_filled` [B]."""
+  Statistics: `pool_filled` (share of filled slots) [B]; mplus also `store_filled` [B] and `retrieval_query`
+  [B, R], the mean retriever query of the segment's reading tokens."""
   cfg: ModelConfig
 
   Config = MemoryLLMConfig
@@ -145,7 +148,7 @@ class MemoryLLM(LayerMemory):
              "clock": z()}
     if mcfg.kind == "mplus":
       state.update(store=z(mcfg.ltm_capacity, mcfg.token_dim), store_filled=z(mcfg.ltm_capacity),
-                   store_age=z(mcfg.ltm_capacity))
+                   store_age=z(mcfg.ltm_capacity), store_time=z(mcfg.ltm_capacity))
     return state
 
   @staticmethod
@@ -154,7 +157,7 @@ class MemoryLLM(LayerMemory):
             "age": ("batch", "mem_slots"), "clock": ("batch",)}
     if mcfg.kind == "mplus":
       axes.update(store=("batch", "mem_slots", "embed"), store_filled=("batch", "mem_slots"),
-                  store_age=("batch", "mem_slots"))
+                  store_age=("batch", "mem_slots"), store_time=("batch", "mem_slots"))
     return axes
 
   def setup(self):
@@ -173,9 +176,8 @@ class MemoryLLM(LayerMemory):
     h_BXD = self.norm(tokens_BXD.astype(self.cfg.dtype))
     return self.k(h_BXD), self.v(h_BXD)
 
-  def retrieval_scores(self, state, h_BLD):
-    """s [B, L, C] float32: each query's affinity to each long-term store token (module docstring)."""
-    q_BLR = self.query(h_BLD)
+  def retrieval_scores(self, state, q_BLR):
+    """s [B, L, C] float32: each query's (q = h W_q) affinity to each long-term store token (module docstring)."""
     k_BCR = self.key(self.norm(state["store"].astype(self.cfg.dtype)))
     s = jnp.einsum("blr,bcr->blc", q_BLR, k_BCR, preferred_element_type=jnp.float32)
     return s / np.sqrt(q_BLR.shape[-1]).astype(np.float32)
@@ -192,13 +194,17 @@ class MemoryLLM(LayerMemory):
     stats = {"pool_filled": jax.lax.stop_gradient(state["filled"].mean(-1))}
     if self.cfg.memory.kind != "mplus":
       return MemoryOut(kv=ExtraKV(k_BNGE, v_BNGE, mask_BLN), stats=stats), state
-    s_BLC = self.retrieval_scores(state, h_BLD)
+    q_BLR = self.query(h_BLD)
+    s_BLC = self.retrieval_scores(state, q_BLR)
     picked_BLC = top_r_mask(s_BLC, state["store_filled"], self.cfg.memory.retrieve_tokens) & read_BL[:, :, None]
     k_BCGE, v_BCGE = self._kv(state["store"])
     bias_BLX = jnp.concatenate([jnp.zeros(mask_BLN.shape, jnp.float32), jax.nn.log_sigmoid(s_BLC)], axis=-1)
     kv = ExtraKV(jnp.concatenate([k_BNGE, k_BCGE], axis=1), jnp.concatenate([v_BNGE, v_BCGE], axis=1),
                  jnp.concatenate([mask_BLN, picked_BLC], axis=-1), bias_BLX)
     stats["store_filled"] = jax.lax.stop_gradient(state["store_filled"].mean(-1))
+    w_BL = read_BL.astype(jnp.float32)  # the mean retriever query of the reading tokens: sessions search the host
+    stats["retrieval_query"] = jax.lax.stop_gradient(  # store with it (lm2_jax.sessions.session)
+        jnp.einsum("blr,bl->br", q_BLR.astype(jnp.float32), w_BL) / jnp.maximum(w_BL.sum(1), 1.0)[:, None])
     return MemoryOut(kv=kv, stats=stats), state
 
   def update_prefix(self, state, L: int) -> ExtraKV:
