@@ -11,6 +11,7 @@ from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
 from lm2_jax.model.decoder import DecoderLayer, LayerContext
 from lm2_jax.model.layers import rope_tables
+from lm2_jax.model.memory.ltm_store import LongTermStore
 from lm2_jax.model.memory.memoryllm import pool_update, random_drop, top_r_mask
 
 SEG = 8
@@ -86,16 +87,16 @@ def test_top_r_matches_brute_force():
 def test_self_update_writes_the_outputs_of_the_layer_at_the_last_k_positions():
   """One layer, one segment from an empty pool: the update pass sees no memory, so the K new pool tokens are the
   plain Llama layer's outputs at the segment's last K positions (the same layer without memory)."""
-  for kind in ("memoryllm", "mplus"):
+  for kind in ("mplus",):  # memoryllm's update is the same code
     config = tiny_config(kind, num_layers=1, scan_layers=False, memory_num_slots=6, memory_update_tokens=3)
     model, params = build(config)
     tokens = random_tokens(0, (2, SEG))
-    _, memory, _ = model.apply({"params": params}, tokens)
+    memory = jax.jit(lambda p, t: model.apply({"params": p}, t)[1])(params, tokens)
     plain = DecoderLayer(LM2Model(tiny_config("none", num_layers=1)).config, has_memory=False)
     layer_params = {k: v for k, v in params["decoder"]["layer_0"].items() if k != "memory"}
     cos, sin = rope_tables(model.config, jnp.arange(SEG))
     x_BLD = params["embed"]["embedding"][tokens]
-    (y_BLD, _), _ = plain.apply({"params": layer_params}, (x_BLD, None), (None, None), LayerContext(cos, sin))
+    (y_BLD, _), _ = jax.jit(plain.apply)({"params": layer_params}, (x_BLD, None), (None, None), LayerContext(cos, sin))
     np.testing.assert_allclose(memory["pool"][0][:, -3:], y_BLD[:, -3:], atol=1e-5)
     np.testing.assert_array_equal(memory["filled"][0], [[0, 0, 0, 1, 1, 1]] * 2)
 
@@ -106,18 +107,18 @@ def test_memory_reaches_later_segments_and_gradients_reach_every_memory_paramete
                                     memory_retrieve_tokens=2, memory_retriever_dim=8))
   tokens = random_tokens(0, (2, 3 * SEG))
   w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
-  logits, memory, aux = model.apply({"params": params}, tokens)
+  logits, memory, aux = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
   np.testing.assert_array_equal(np.asarray(memory["store_filled"]).sum(-1), 6)  # 4 + 4 + 4 written, 6 kept
-  assert set(aux["memory_stats"]) == {"pool_filled", "store_filled", "retrieval_query"}
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)
+  assert set(aux["memory_stats"]) == {"pool_filled", "store_filled", "retrieval_query", "picked"}
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w)))(params)
   leaves = jax.tree_util.tree_flatten_with_path(grads["decoder"]["layers_0_2"]["memory"])[0]
   assert len(leaves) == 5  # k, v, retriever query and key kernels, norm scale
   for path, g in leaves:
     assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
   # the store is read: without the retriever's picks (r masked out by an empty store) the last segment changes
   empty = dict(memory, store_filled=jnp.zeros_like(memory["store_filled"]))
-  a = model.apply({"params": params}, tokens[:, :SEG], memory)[0]
-  b = model.apply({"params": params}, tokens[:, :SEG], empty)[0]
+  f = jax.jit(lambda m: model.apply({"params": params}, tokens[:, :SEG], m)[0])
+  a, b = f(memory), f(empty)
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
 
 
@@ -125,10 +126,12 @@ def test_the_memory_stream_drives_the_drops():
   """With the `memory` RNG stream the drops follow it (two keys, two pools); without it, the row's write count."""
   model, params = build(tiny_config("memoryllm", memory_num_slots=4, memory_update_tokens=2))
   tokens = random_tokens(0, (1, 6 * SEG))
-  run = lambda rngs: np.asarray(model.apply({"params": params}, tokens, rngs=rngs)[1]["age"])
-  assert not np.array_equal(run({"memory": jax.random.key(1)}), run({"memory": jax.random.key(2)}))
-  np.testing.assert_array_equal(run({"memory": jax.random.key(1)}), run({"memory": jax.random.key(1)}))
-  np.testing.assert_array_equal(run(None), run(None))
+  with_key = jax.jit(lambda key: model.apply({"params": params}, tokens, rngs={"memory": key})[1]["age"])
+  ages = [np.asarray(with_key(jax.random.key(i))) for i in (1, 2, 1)]
+  assert not np.array_equal(ages[0], ages[1])
+  np.testing.assert_array_equal(ages[0], ages[2])
+  without = jax.jit(lambda t: model.apply({"params": params}, t)[1]["age"])
+  np.testing.assert_array_equal(without(tokens), without(tokens + 1))  # drops do not depend on the tokens
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -139,3 +142,30 @@ def test_the_memory_stream_drives_the_drops():
 def test_a_pool_that_does_not_fit_the_config_is_one_clear_error(fields, match):
   with pytest.raises(ConfigError, match=match):
     model, params = build(tiny_config("mplus", **fields))
+
+
+def test_host_store_search_is_brute_force_top_r_and_keeps_the_latest_capacity():
+  rng = np.random.default_rng(2)
+  store = LongTermStore(num_layers=2, token_dim=4, key_dim=8, capacity=50)
+  tokens, keys, ages = rng.normal(size=(70, 4)), rng.normal(size=(70, 8)), np.arange(70.0)
+  store.add(1, tokens[:30], keys[:30], ages[:30])
+  store.add(1, tokens[30:], keys[30:], ages[30:])  # 20 of the first 30 leave (first in, first out)
+  assert store.size.tolist() == [0, 50] and sorted(store.ages[1]) == list(range(20, 70))
+  queries = rng.normal(size=(3, 8))
+  kept = keys[20:].astype(np.float32).astype(np.float64)
+  want_scores = (1 / (1 + np.exp(-(queries @ kept.T) / np.sqrt(8)))).mean(0)
+  got = store.search(1, queries, 5)
+  np.testing.assert_array_equal(store.ages[1][got], 20 + np.argsort(-want_scores)[:5])
+  assert len(store.search(0, queries, 5)) == 0
+
+
+def test_host_store_restored_under_another_config_is_one_clear_error(tmp_path):
+  config = LM2Model(tiny_config("mplus")).config
+  store = LongTermStore.for_config(config, 100)
+  store.add(0, np.ones((3, 32)), np.ones((3, 32)), np.arange(3.0))
+  store.save(str(tmp_path))
+  again = LongTermStore.load(str(tmp_path), config)
+  assert again.size.tolist() == [3, 0] and again.ages[0, :3].tolist() == [0, 1, 2]
+  other = LM2Model(tiny_config("mplus", memory_retriever_dim=16)).config
+  with pytest.raises(ConfigError, match=r"ltm store .*saved under another model config.*'retriever_dim': \(32, 16\)"):
+    LongTermStore.load(str(tmp_path), other)

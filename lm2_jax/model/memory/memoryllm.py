@@ -132,8 +132,9 @@ def top_r_mask(scores_BLC, filled_BC, r: int):
 @register("memoryllm")
 class MemoryLLM(LayerMemory):
   """Pool read as a prefix (`out.kv`), written by the layer's second pass (`self_update`); module docstring.
-  Statistics: `pool_filled` (share of filled slots) [B]; mplus also `store_filled` [B] and `retrieval_query`
-  [B, R], the mean retriever query of the segment's reading tokens."""
+  Statistics: `pool_filled` (share of filled slots) [B]; mplus also `store_filled` [B], `retrieval_query`
+  [B, R], the mean retriever query of the segment's reading tokens, and `picked` [B, C], the share of them that
+  retrieved each store token."""
   cfg: ModelConfig
 
   Config = MemoryLLMConfig
@@ -176,9 +177,13 @@ class MemoryLLM(LayerMemory):
     h_BXD = self.norm(tokens_BXD.astype(self.cfg.dtype))
     return self.k(h_BXD), self.v(h_BXD)
 
+  def retriever_keys(self, tokens_BXD):
+    """The retriever's keys [B, X, R] of memory tokens (the host store keeps them, lm2_jax.sessions.session)."""
+    return self.key(self.norm(tokens_BXD.astype(self.cfg.dtype)))
+
   def retrieval_scores(self, state, q_BLR):
     """s [B, L, C] float32: each query's (q = h W_q) affinity to each long-term store token (module docstring)."""
-    k_BCR = self.key(self.norm(state["store"].astype(self.cfg.dtype)))
+    k_BCR = self.retriever_keys(state["store"])
     s = jnp.einsum("blr,bcr->blc", q_BLR, k_BCR, preferred_element_type=jnp.float32)
     return s / np.sqrt(q_BLR.shape[-1]).astype(np.float32)
 
@@ -202,6 +207,9 @@ class MemoryLLM(LayerMemory):
     kv = ExtraKV(jnp.concatenate([k_BNGE, k_BCGE], axis=1), jnp.concatenate([v_BNGE, v_BCGE], axis=1),
                  jnp.concatenate([mask_BLN, picked_BLC], axis=-1), bias_BLX)
     stats["store_filled"] = jax.lax.stop_gradient(state["store_filled"].mean(-1))
+    stats["picked"] = jax.lax.stop_gradient(  # [B, C] share of the reading tokens that retrieved each store token
+        jnp.einsum("blc,bl->bc", picked_BLC.astype(jnp.float32), read_BL.astype(jnp.float32))
+        / jnp.maximum(read_BL.sum(1), 1)[:, None])
     w_BL = read_BL.astype(jnp.float32)  # the mean retriever query of the reading tokens: sessions search the host
     stats["retrieval_query"] = jax.lax.stop_gradient(  # store with it (lm2_jax.sessions.session)
         jnp.einsum("blr,bl->br", q_BLR.astype(jnp.float32), w_BL) / jnp.maximum(w_BL.sum(1), 1.0)[:, None])
