@@ -124,11 +124,9 @@ class Session:
     mem = jax.tree.map(np.asarray, self.state.memory)
     for j, layer in enumerate(self.config.memory.layers):
       new = (mem["store_filled"][j, 0] > 0) & (mem["store_time"][j, 0] > self._spilled[j])
-      if new.any():
-        tokens = mem["store"][j, 0][new]
-        keys = MPlus(self.config).apply({"params": self._memory_params(layer)}, tokens[None],
-                                        method=MPlus.retriever_keys)[0]
-        self.ltm.add(j, tokens, np.asarray(keys), mem["store_age"][j, 0][new])
+      if new.any():  # keys of the whole device store: one compiled shape
+        keys = np.asarray(_retriever_keys(self.config, self._memory_params(layer), mem["store"][j]))[0]
+        self.ltm.add(j, mem["store"][j, 0][new], keys[new], mem["store_age"][j, 0][new])
       self._spilled[j] = mem["clock"][j, 0]
 
   def _refill(self, prompt_ids: list[int]) -> None:
@@ -228,6 +226,12 @@ class Session:
 def _retrieval_queries(model, params, tokens_BT, memory):
   """mplus: the mean retriever query of the tokens per memory layer [layers, B, R]."""
   return model.apply({"params": params}, tokens_BT, memory)[2]["memory_stats"]["retrieval_query"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _retriever_keys(config, memory_params, tokens_BXD):
+  """mplus: the retriever keys of memory tokens with one layer's memory params."""
+  return MPlus(config).apply({"params": memory_params}, tokens_BXD, method=MPlus.retriever_keys)
 
 
 def check_saved(path: str, params, config) -> dict[str, Any]:
