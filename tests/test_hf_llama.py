@@ -77,14 +77,15 @@ def test_rope_scaling_changes_logits(tmp_path):
   assert diff > 1e-3
 
 
-def test_load_into_memory_model_keeps_llama_and_fresh_memory(tmp_path):
+@pytest.mark.parametrize("kind", ["lm2", "mplus"])
+def test_load_into_memory_model_keeps_llama_and_fresh_memory(tmp_path, kind):
   hf = _hf_model("gqa")
   hf.save_pretrained(tmp_path, safe_serialization=True)
   llama_config, llama_params = hf_llama.load(str(tmp_path))
 
   lm2 = default_model_config()
   lm2.segment_len = 16
-  lm2.memory.kind = "lm2"
+  lm2.memory.kind = kind  # mplus: the pool, store and retriever of memoryllm's code
   lm2.memory.num_slots = 8
   lm2.memory.num_heads = 2
   lm2.memory.layers = "1"

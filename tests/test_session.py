@@ -97,3 +97,27 @@ def test_bad_session_input_is_named(tmp_path, tok):
   with pytest.raises(ConfigError, match="no session.json"):
     Session.restore(str(tmp_path / "missing"), params, config, tok)
   assert np.isfinite(np.asarray(s.state.logits_BV)).all()
+
+
+def test_mplus_session_spills_to_the_host_store_refills_and_restores(tmp_path, tok):
+  """mplus: dropped pool tokens reach the host store (as many as the device store took), a question refills the
+  device store from it, and a restored session (host store included) answers the same; another config is
+  refused."""
+  config = tiny_config("mplus", vocab_size=768, memory_num_slots=4, memory_update_tokens=4, memory_ltm_capacity=6,
+                       memory_retrieve_tokens=2, memory_retriever_dim=8)
+  _, params = build(config)
+  s = Session(params, config, tok)
+  s.inject(FACTS + " " + FACTS)  # > 6 segments: more tokens are dropped than the device store (6) holds
+  segments = s.position // 8
+  assert s.ltm.size.tolist() == [4 * (segments - 1)] * 2  # every write after the first drops 4 pool tokens
+  s.save(str(tmp_path / "s"))
+  answer = s.ask("Where is Mary?", max_new_tokens=4)
+  filled = np.asarray(s.state.memory["store_filled"])
+  assert (filled.sum(-1) == 6).all()  # refilled from the host store
+  again = Session.restore(str(tmp_path / "s"), params, config, tok)
+  assert again.ltm.size.tolist() == [4 * (segments - 1)] * 2
+  assert again.ask("Where is Mary?", max_new_tokens=4) == answer
+  other = tiny_config("mplus", vocab_size=768, memory_num_slots=4, memory_update_tokens=4, memory_ltm_capacity=6,
+                      memory_retrieve_tokens=2, memory_retriever_dim=8, memory_layers="1")
+  with pytest.raises(ConfigError, match="saved under another model config"):
+    Session.restore(str(tmp_path / "s"), build(other)[1], other, tok)

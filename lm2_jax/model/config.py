@@ -187,7 +187,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder)
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | memoryllm | mplus
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -203,4 +203,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.balance_loss_weight = 0.01
   m.memory.product_keys = False  # route with product keys (num_banks a square): O(sqrt(num_banks)) per token
   m.memory.capacity_factor = 2.0  # per-bank token capacity per segment, in multiples of the even share
+  # memoryllm / mplus (lm2_jax/model/memory/memoryllm.py): a pool of num_slots tokens per layer
+  m.memory.update_tokens = 4   # K: tokens a segment writes into the pool (as many dropped at random)
+  m.memory.retrieve_tokens = 4  # mplus: r, long-term tokens each query retrieves
+  m.memory.ltm_capacity = 64   # mplus: the device-side long-term store per layer (tokens)
+  m.memory.retriever_dim = 32  # mplus: width of the retriever's query/key projections
   return m

@@ -20,7 +20,8 @@ from the tokens of the segment's last document only, starting from a fresh memor
 
 A memory kind sits in layers or around the layer stack (DESIGN section 4, lm2_jax.model.memory.protocol). A
 layer kind is called in each of its layers, `out, new_state = memory(state, h_BLD, docs)`, beside self-attention:
-its residual is added to the stream and its extra keys/values are attended to. A segment kind (`rmt`: memory
+its residual is added to the stream and its extra keys/values are attended to; a kind that writes from the layer's
+own output (memoryllm, `self_updates`) gets a second pass of the layer with its update prefix. A segment kind (`rmt`: memory
 tokens) runs the layers itself: `y, new_state, stats = memory(state, x_BLD, docs, run_layers)`. The document
 rules are shared (`Documents`); a segment kind applies them to its own tokens.
 
@@ -122,12 +123,20 @@ class DecoderLayer(nn.Module):
       else:
         out, shared = memory(ctx.entering, h_BLD, ctx.docs, write_state=shared)
     ids_BL = None if ctx.docs is None else ctx.docs.ids_BL
-    attn_BLD, cache = Attention(c, name="attn")(h_BLD, ctx.cos, ctx.sin, ids_BL, out.kv, cache, ctx.cache_index_B)
-    y_BLD = x_BLD + attn_BLD
-    if out.residual_BLD is not None:
-      y_BLD = y_BLD + out.residual_BLD
-    y_BLD = y_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(y_BLD))
-    y_BLD = nn.with_logical_constraint(y_BLD.astype(c.dtype), ("batch", "length", "embed"))
+    attn, mlp_norm, mlp = Attention(c, name="attn"), RMSNorm(c.norm_eps, c.dtype, name="mlp_norm"), MLP(c, name="mlp")
+
+    def block(kv, residual_BLD, cache):
+      attn_BLD, cache = attn(h_BLD, ctx.cos, ctx.sin, ids_BL, kv, cache, ctx.cache_index_B)
+      y_BLD = x_BLD + attn_BLD
+      if residual_BLD is not None:
+        y_BLD = y_BLD + residual_BLD
+      y_BLD = y_BLD + mlp(mlp_norm(y_BLD))
+      return nn.with_logical_constraint(y_BLD.astype(c.dtype), ("batch", "length", "embed")), cache
+
+    y_BLD, cache = block(out.kv, out.residual_BLD, cache)
+    if self.has_memory and cache is None and memory.self_updates:  # MemoryLLM: the layer writes its own memory
+      update_BLD, _ = block(memory.update_prefix(mem_state, x_BLD.shape[1]), None, None)
+      mem_state = memory.self_update(mem_state, update_BLD, ctx.docs)
     return (y_BLD, shared), (mem_state, out.stats, out.losses, cache)
 
 

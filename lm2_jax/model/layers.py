@@ -100,14 +100,18 @@ def apply_rope(x_BLHE, cos_LE, sin_LE):
   return out.astype(x_BLHE.dtype)
 
 
-def attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS):
+def attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS, bias_BLS=None):
   """Softmax attention of L queries over S keys with grouped-query heads (H = G * K), where mask_BLS (bool) says
-  which keys each query sees; every query sees at least one key. float32 scores and softmax (the 'xla' kernel)."""
+  which keys each query sees; every query sees at least one key; bias_BLS (float, optional) is added to the
+  scaled scores. float32 scores and softmax (the 'xla' kernel)."""
   B, L, H, E = q_BLHE.shape
   K = k_BSKE.shape[2]
   q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
   scores = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask_BLS[:, None, None], scores / np.sqrt(E).astype(np.float32), jnp.finfo(jnp.float32).min)
+  scores = scores / np.sqrt(E).astype(np.float32)
+  if bias_BLS is not None:
+    scores = scores + bias_BLS[:, None, None].astype(jnp.float32)
+  scores = jnp.where(mask_BLS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(scores, axis=-1).astype(v_BSKE.dtype)
   return jnp.einsum("bkgls,bske->blkge", p, v_BSKE).reshape(B, L, H, E)
 
@@ -136,7 +140,8 @@ class Attention(nn.Module):
   __call__(x_BLD, cos, sin, ids_BL=None, extra=None, cache=None, cache_index_B=None) -> (out_BLD, cache')
 
   ids_BL:   document id of every token: a query sees keys of its own document only (None: one document);
-  extra:    `ExtraKV` keys/values that the queries see beside the segment's own (memory as context);
+  extra:    `ExtraKV` keys/values that the queries see beside the segment's own (memory as context), with an
+            optional score bias per query and extra key (M+'s retriever gate);
   cache:    {'k', 'v': [B, C, kv_heads, head_dim]}: the keys/values of the current segment so far. The L new
             tokens of row b go to cache positions cache_index_B[b] + 0..L-1 and see the cache up to their own
             position (rotary tables `cos`, `sin` then [B, L, E]). Without a cache, keys are the L tokens, causal.
@@ -183,6 +188,9 @@ class Attention(nn.Module):
       v_BSKE = jnp.concatenate([extra.v_BMKE.astype(dt), v_BSKE], axis=1)
       seen_BLM = jnp.ones((B, L, extra.k_BMKE.shape[1]), bool) if extra.mask_BLM is None else extra.mask_BLM
       mask_BLS = jnp.concatenate([seen_BLM, mask_BLS], axis=-1)
+      if extra.bias_BLM is not None:
+        bias_BLS = jnp.pad(extra.bias_BLM, ((0, 0), (0, 0), (0, mask_BLS.shape[-1] - extra.bias_BLM.shape[-1])))
+        return attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS, bias_BLS), cache
     return attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS), cache
 
 

@@ -13,11 +13,24 @@ segment fills; until then its tokens are pending in the cache, and they are part
 `history` lists what was injected and asked, each entry with the token span it occupies in the session's stream
 and the memory's read statistics per slot after it (`read_stats`: every `*read_mass` array of the state, the
 decayed attention mass each slot received; empty for kinds without slots). The sleep phase replays from it.
+
+M+ (memory kind 'mplus'): the memory state holds a bounded device-side long-term store (memory.ltm_capacity
+tokens per layer, a ring inside jit); the session keeps the real long-term store on the host (`self.ltm`, a
+NumPy `LongTermStore`, capacity `ltm_capacity`). After every call the session spills into it the tokens that
+entered the device store since the last spill (`store_time` newer than the write count then), with their
+retriever keys; text is fed in chunks of ltm_capacity // update_tokens segments so that the device ring never
+overwrites a token before it is spilled (generation spills after the call: at most ltm_capacity // update_tokens
+segments may be written in one `generate` without loss). Before a question (`generate` with a prompt) the
+session refills the device store with the ltm_capacity host tokens that the prompt's mean retriever query scores
+highest, per layer (M+'s scoring: mean sigmoid(q . k)), oldest first; each token of the prompt and the answer
+then attends to its own top `retrieve_tokens` of them. `save` writes the host store beside the memory state;
+`restore` refuses one saved under another model config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -29,6 +42,9 @@ import orbax.checkpoint as ocp
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.model import LM2Model, ModelConfig, init_params
 from lm2_jax.model.config import ConfigError
+from lm2_jax.model.layout import unscan_layout
+from lm2_jax.model.memory.ltm_store import LongTermStore
+from lm2_jax.model.memory.memoryllm import MPlus
 from lm2_jax.sessions.decoding import DecodeState, Sampling, decoder_for, strip_stop_strings
 
 _FORMAT = 1
@@ -52,13 +68,14 @@ def read_stats(memory) -> dict[str, list]:
 class Session:
   """One stream (batch 1) with its episodic memory; see the module docstring."""
 
-  def __init__(self, params, config, tokenizer: Tokenizer):
+  def __init__(self, params, config, tokenizer: Tokenizer, ltm_capacity: int = 1_000_000):
     self.config = _model_config(config)
     tokenizer.check_vocab(self.config.vocab_size)
     self._check_params(params)
     self.params, self.tokenizer = params, tokenizer
     self.model = LM2Model(self.config)
     self._dec = decoder_for(self.config)
+    self.ltm_capacity = ltm_capacity
     self.reset()
 
   def _check_params(self, params) -> None:
@@ -74,6 +91,9 @@ class Session:
     self.state: DecodeState = self._dec.fresh(self.params, 1)
     self.position = 0  # tokens in the session's stream so far
     self.history: list[dict[str, Any]] = []
+    mplus = self.config.memory.kind == "mplus"
+    self.ltm = LongTermStore.for_config(self.config, self.ltm_capacity) if mplus else None
+    self._spilled = np.zeros(len(self.config.memory.layers)) if mplus else None  # write count at the last spill
 
   def _encode(self, text: str, what: str) -> list[int]:
     if not isinstance(text, str) or not text.strip():
@@ -84,8 +104,54 @@ class Session:
     return ids
 
   def _feed(self, ids: list[int]) -> None:
-    self.state = self._dec.feed(self.params, self.state, [ids])
+    chunk = len(ids) or 1
+    if self.ltm is not None:  # the device ring must not overwrite tokens before they are spilled
+      m = self.config.memory
+      chunk = max(1, m.ltm_capacity // m.update_tokens) * self.config.segment_len
+    for i in range(0, len(ids), chunk):
+      self.state = self._dec.feed(self.params, self.state, [ids[i:i + chunk]])
+      self._spill()
     self.position += len(ids)
+
+  def _memory_params(self, layer: int):
+    params = unscan_layout(self.params, self.config) if self.config.scan_layers else self.params
+    return params["decoder"][f"layer_{layer}"]["memory"]
+
+  def _spill(self) -> None:
+    """mplus: the tokens that entered the device store since the last spill go to the host store."""
+    if self.ltm is None:
+      return
+    mem = jax.tree.map(np.asarray, self.state.memory)
+    for j, layer in enumerate(self.config.memory.layers):
+      new = (mem["store_filled"][j, 0] > 0) & (mem["store_time"][j, 0] > self._spilled[j])
+      if new.any():  # keys of the whole device store: one compiled shape
+        keys = np.asarray(_retriever_keys(self.config, self._memory_params(layer), mem["store"][j]))[0]
+        self.ltm.add(j, mem["store"][j, 0][new], keys[new], mem["store_age"][j, 0][new])
+      self._spilled[j] = mem["clock"][j, 0]
+
+  def _refill(self, prompt_ids: list[int]) -> None:
+    """mplus: the device store takes the host tokens the prompt's retriever query scores highest, per layer; the
+    pending tokens are fed again on the new memory (their cache read the old one)."""
+    if self.ltm is None or not self.ltm.size.any():
+      return
+    S, C = self.config.segment_len, self.config.memory.ltm_capacity
+    pending = self._dec.pending(self.state)[0]
+    toks = np.zeros((1, -(-len(prompt_ids) // S) * S), np.int32)
+    toks[0, :len(prompt_ids)] = prompt_ids
+    queries = np.asarray(_retrieval_queries(self.model, self.params, toks, self.state.memory))[:, 0]  # [layers, R]
+    mem = jax.tree.map(np.array, self.state.memory)
+    for j in range(len(self.config.memory.layers)):
+      idx = self.ltm.search(j, queries[j][None], C)
+      idx = idx[np.argsort(self.ltm.ages[j, idx], kind="stable")]  # oldest first, as M+ orders them
+      n = len(idx)
+      for name in ("store", "store_filled", "store_age"):
+        mem[name][j, 0] = 0
+      mem["store"][j, 0, C - n:] = self.ltm.tokens[j, idx]
+      mem["store_filled"][j, 0, C - n:] = 1
+      mem["store_age"][j, 0, C - n:] = self.ltm.ages[j, idx]
+      mem["store_time"][j, 0] = -1  # already on the host: never spilled again
+    fresh = self._dec.fresh(self.params, 1)
+    self.state = self._dec.feed(self.params, fresh.replace(memory=jax.tree.map(jax.numpy.asarray, mem)), [pending])
 
   def _log(self, kind: str, text: str, start: int, **extra) -> None:
     self.history.append({"kind": kind, "text": text, "start": start, "end": self.position,
@@ -103,10 +169,13 @@ class Session:
     s = Sampling(**{"stop_ids": (self.tokenizer.eos_id,) if self.tokenizer.eos_id >= 0 else (), **sampling})
     start = self.position
     if prompt is not None:
-      self._feed(self._encode(prompt, "prompt"))
+      ids = self._encode(prompt, "prompt")
+      self._refill(ids)
+      self._feed(ids)
     elif self.position == 0:
       raise ValueError("prompt: the session is empty; give a prompt or inject text first")
     ids, self.state = self._dec.generate(self.params, self.state, s, self.tokenizer.decode)
+    self._spill()
     self.position += len(ids[0])
     text = strip_stop_strings(self.tokenizer.decode([i for i in ids[0] if i != self.tokenizer.eos_id]),
                               s.stop_strings)
@@ -128,15 +197,18 @@ class Session:
     os.makedirs(path, exist_ok=True)
     meta = {"format": _FORMAT, "model_config": _describe(self.config), "param_shapes": _shapes(self.params),
             "pending": pending, "position": self.position, "history": self.history}
+    if self.ltm is not None:  # mplus: the host long-term store, and how far it is spilled
+      self.ltm.save(os.path.join(path, "ltm"))
+      meta["ltm_spilled"] = self._spilled.tolist()
     with open(os.path.join(path, "session.json"), "w") as f:
       json.dump(meta, f)
 
   @classmethod
-  def restore(cls, path: str, params, config, tokenizer: Tokenizer) -> "Session":
+  def restore(cls, path: str, params, config, tokenizer: Tokenizer, ltm_capacity: int = 1_000_000) -> "Session":
     """A session continuing exactly where `save` left it. Refuses a state saved under another model config or
-    with params of other shapes, naming both (`check_saved`)."""
+    with params of other shapes, naming both (`check_saved`), and an mplus host store of another config."""
     meta = check_saved(path, params, config)
-    s = cls(params, config, tokenizer)
+    s = cls(params, config, tokenizer, ltm_capacity)
     memory = s.state.memory
     if jax.tree.leaves(memory):  # memory kind 'none' saved none
       with ocp.StandardCheckpointer() as ckpt:
@@ -144,7 +216,22 @@ class Session:
     st = s.state.replace(memory=jax.tree.map(jax.numpy.asarray, memory))
     s.state = s._dec.feed(s.params, st, [meta["pending"]])
     s.position, s.history = meta["position"], meta["history"]
+    if s.ltm is not None:
+      s.ltm = LongTermStore.load(os.path.join(os.path.abspath(path), "ltm"), s.config, s.ltm_capacity)
+      s._spilled = np.asarray(meta["ltm_spilled"])
     return s
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _retrieval_queries(model, params, tokens_BT, memory):
+  """mplus: the mean retriever query of the tokens per memory layer [layers, B, R]."""
+  return model.apply({"params": params}, tokens_BT, memory)[2]["memory_stats"]["retrieval_query"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _retriever_keys(config, memory_params, tokens_BXD):
+  """mplus: the retriever keys of memory tokens with one layer's memory params."""
+  return MPlus(config).apply({"params": memory_params}, tokens_BXD, method=MPlus.retriever_keys)
 
 
 def check_saved(path: str, params, config) -> dict[str, Any]:

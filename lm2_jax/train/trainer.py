@@ -117,9 +117,11 @@ def _abstract_state(setup: Setup):
   return jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, jax.random.key(0))))
 
 
-def _loss_fn(model, params, batch, memory):
+def _loss_fn(model, params, batch, memory, rng=None):
+  """`rng`: the `memory` RNG stream (MemoryLLM's random drops); without it stochastic kinds draw from their state."""
   logits, new_memory, aux = model.apply({"params": params}, batch["tokens"], memory,
-                                        segment_ids=batch.get("segment_ids"))
+                                        segment_ids=batch.get("segment_ids"),
+                                        rngs=None if rng is None else {"memory": rng})
   loss, accuracy = next_token_loss(logits, batch["tokens"], batch.get("loss_mask"))
   total = loss + sum(aux["losses"].values(), jnp.float32(0))
   return total, (loss, accuracy, new_memory, aux)
@@ -152,7 +154,8 @@ def make_train_step(setup: Setup):
   def step_fn(state: TrainState, batch):
     memory = _carried_memory(model, state.memory, batch) if continuing else model.init_memory(setup.batch_size)
     grads, (loss, accuracy, new_memory, aux) = jax.grad(
-        lambda p: _loss_fn(model, p, batch, memory), has_aux=True)(state.params)
+        lambda p: _loss_fn(model, p, batch, memory, jax.random.fold_in(jax.random.key(config.train.seed), state.step)),
+        has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     health = guards.step_health(loss, grads, params)

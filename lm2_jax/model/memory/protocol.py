@@ -41,11 +41,13 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class ExtraKV:
-  """Keys and values beside a segment's own: k_BMKE, v_BMKE [B, M, kv_heads, head_dim] (no rotary applied), and
-  which of them each query may see, mask_BLM bool [B, L, M] (None: all)."""
+  """Keys and values beside a segment's own: k_BMKE, v_BMKE [B, M, kv_heads, head_dim] (no rotary applied),
+  which of them each query may see, mask_BLM bool [B, L, M] (None: all), and a bias added to each query's
+  attention score of each of them, bias_BLM float [B, L, M] (None: 0; M+'s log retriever gate)."""
   k_BMKE: jax.Array
   v_BMKE: jax.Array
   mask_BLM: jax.Array | None = None
+  bias_BLM: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -103,9 +105,13 @@ def _merge(read_BL, reset_B, carried: MemoryOut, fresh: MemoryOut) -> MemoryOut:
     def visible(kv: ExtraKV, rows_BL):
       mask = jnp.broadcast_to(rows_BL[..., None], (*rows_BL.shape, kv.k_BMKE.shape[1]))
       return mask if kv.mask_BLM is None else mask & kv.mask_BLM
+    def bias(kv: ExtraKV, rows_BL):
+      return jnp.zeros((*rows_BL.shape, kv.k_BMKE.shape[1]), jnp.float32) if kv.bias_BLM is None else kv.bias_BLM
+    biased = carried.kv.bias_BLM is not None or fresh.kv.bias_BLM is not None
     kv = ExtraKV(jnp.concatenate([carried.kv.k_BMKE, fresh.kv.k_BMKE], axis=1),
                  jnp.concatenate([carried.kv.v_BMKE, fresh.kv.v_BMKE], axis=1),
-                 jnp.concatenate([visible(carried.kv, read_BL), visible(fresh.kv, ~read_BL)], axis=-1))
+                 jnp.concatenate([visible(carried.kv, read_BL), visible(fresh.kv, ~read_BL)], axis=-1),
+                 jnp.concatenate([bias(carried.kv, read_BL), bias(fresh.kv, read_BL)], axis=-1) if biased else None)
   return MemoryOut(residual, kv, select_rows(reset_B, fresh.stats, carried.stats), carried.losses)
 
 
@@ -116,6 +122,11 @@ class LayerMemory(nn.Module):
 
   placement = "layer"
   emits_kv = False  # a kind whose output has `kv` sets this (both document calls are always made)
+  # A kind whose write needs the layer's own output (MemoryLLM's self-update) sets this and defines
+  # `update_prefix(state, L) -> ExtraKV` and `self_update(state, y_BLD, docs) -> new_state`: after the layer's
+  # ordinary pass, the decoder layer runs once more on the segment with `update_prefix` as the extra keys and
+  # hands its output to `self_update`, which writes the state that `__call__` returned (not in cached decoding).
+  self_updates = False
 
   def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
     """-> (MemoryOut, new_state): the tokens of `read_BL` read `state`, those of `write_BL` are written into it,
