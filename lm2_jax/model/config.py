@@ -90,7 +90,7 @@ class ModelConfig:
   @property
   def memory_layers(self) -> tuple[int, ...]:
     """Indices of the decoder layers that carry a per-layer memory, ascending; () for 'none' and for the
-    model-level kind 'rmt', whose memory tokens pass through every layer."""
+    model-level kind 'rmt', whose memory tokens pass through every layer; armt's associative layers."""
     return self.memory.layers
 
   def num_segments(self, seq_len: int) -> int:
@@ -187,7 +187,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder)
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder) | armt
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -203,4 +203,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.balance_loss_weight = 0.01
   m.memory.product_keys = False  # route with product keys (num_banks a square): O(sqrt(num_banks)) per token
   m.memory.capacity_factor = 2.0  # per-bank token capacity per segment, in multiples of the even share
+  # armt (lm2_jax/model/memory/armt.py): rmt's tokens plus an associative matrix in each of `layers`
+  m.memory.key_dim = 32        # keys and queries before the DPFP feature map (features: 6 * key_dim)
+  m.memory.gamma_correction = True  # the normaliser counts only the new part of a key (off: the plain sum)
   return m
