@@ -28,8 +28,15 @@ def tiny_config(kind="lm2", **overrides):
 
 
 def build(config, seed=0):
+  """The model and fresh parameters; armt's value projections, which start at zero (a fresh armt reads nothing
+  from its associative memory), get random values, so that tests exercise that memory."""
   model = LM2Model(config)
-  return model, init_params(model, jax.random.key(seed))
+  params = init_params(model, jax.random.key(seed))
+  if model.config.memory.kind == "armt":
+    def values(path, a):
+      return 0.5 * jax.random.normal(jax.random.key(seed + 1), a.shape) if "v_proj" in str(path) and "'memory'" in str(path) else a
+    params = jax.tree_util.tree_map_with_path(values, params)
+  return model, params
 
 
 def logits_fn(model, params):

@@ -8,7 +8,7 @@
    O(D^2 + X D + D V): 1.0-1.5% at these sizes; 3% is the bound asserted.
 2. A brute-force count of the matmuls in the traced program (every dot_general in the jaxpr, 2 x output size x
    contracted size, times the trip count of each enclosing scan), on rows of several segments with scanned
-   layers: exactly the formula for `none` and `rmt`; for `lm2` the traced program also projects the slot keys a
+   layers: exactly the formula for `none`, `rmt` and `armt`; for `lm2` the traced program also projects the slot keys a
    second time in the write (XLA merges the two), 2 N S^2 / L per memory layer more than the formula.
 """
 
@@ -59,7 +59,7 @@ def _matmul_flops(jaxpr, trips=1):
   return total
 
 
-@pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("rmt", {}), ("hierarchical", HIERARCHICAL),
+@pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("rmt", {}), ("armt", {}), ("hierarchical", HIERARCHICAL),
                                          ("hierarchical", {**HIERARCHICAL, "num_banks": 16, "product_keys": True})])
 def test_formula_matches_xla_cost_analysis(kind, memory):
   batch, length = 2, 64
@@ -70,7 +70,7 @@ def test_formula_matches_xla_cost_analysis(kind, memory):
   assert formula <= xla <= 1.03 * formula, (formula, xla)
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "rmt"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "rmt", "armt"])
 def test_formula_matches_matmuls_of_traced_program(kind):
   batch, length, segment = 2, 96, 32
   model, forward, params = _forward(_config(kind, segment, True), batch, length)

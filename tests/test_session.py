@@ -56,7 +56,7 @@ def test_session_saved_then_restored_in_a_fresh_process_answers_the_same(tmp_pat
 
 
 def test_rmt_session_restores_and_none_session_runs(tmp_path, tok):
-  for kind in ("rmt", "none"):
+  for kind in ("rmt", "armt", "none"):
     config = tiny_config(kind, vocab_size=768)
     _, params = build(config)
     s = Session(params, config, tok)

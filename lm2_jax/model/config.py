@@ -90,7 +90,7 @@ class ModelConfig:
   @property
   def memory_layers(self) -> tuple[int, ...]:
     """Indices of the decoder layers that carry a per-layer memory, ascending; () for 'none' and for the
-    model-level kind 'rmt', whose memory tokens pass through every layer."""
+    model-level kind 'rmt', whose memory tokens pass through every layer; armt's associative layers."""
     return self.memory.layers
 
   def num_segments(self, seq_len: int) -> int:
@@ -187,7 +187,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | memoryllm | mplus
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | armt | memoryllm | mplus (README: the kinds)
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -208,4 +208,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.retrieve_tokens = 4  # mplus: r, long-term tokens each query retrieves
   m.memory.ltm_capacity = 64   # mplus: the device-side long-term store per layer (tokens)
   m.memory.retriever_dim = 32  # mplus: width of the retriever's query/key projections
+  # armt (lm2_jax/model/memory/armt.py): rmt's tokens plus an associative matrix in each of `layers`
+  m.memory.key_dim = 32        # keys and queries before the DPFP feature map (features: 6 * key_dim)
+  m.memory.gamma_correction = True  # the normaliser counts only the new part of a key (off: the plain sum)
   return m

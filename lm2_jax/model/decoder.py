@@ -21,9 +21,11 @@ from the tokens of the segment's last document only, starting from a fresh memor
 A memory kind sits in layers or around the layer stack (DESIGN section 4, lm2_jax.model.memory.protocol). A
 layer kind is called in each of its layers, `out, new_state = memory(state, h_BLD, docs)`, beside self-attention:
 its residual is added to the stream and its extra keys/values are attended to; a kind that writes from the layer's
-own output (memoryllm, `self_updates`) gets a second pass of the layer with its update prefix. A segment kind (`rmt`: memory
-tokens) runs the layers itself: `y, new_state, stats = memory(state, x_BLD, docs, run_layers)`. The document
-rules are shared (`Documents`); a segment kind applies them to its own tokens.
+own output (memoryllm, `self_updates`) gets a second pass of the layer with its update prefix. A segment kind
+(`rmt`: memory tokens) runs the layers itself: `y, new_state, stats = memory(state, x_BLD, docs, run_layers)`;
+one that also keeps a memory in layers (`armt`) passes its per-layer part to `run_layers`, and each of those
+layers adds what it reads to the layer's input and writes it from the layer's output. The document rules are
+shared (`Documents`); a segment kind applies them to its own tokens.
 
 Cached decoding (`cache=` in `__call__`, `init_cache`, `extend`): the keys/values of the current segment are kept
 per layer ({'k', 'v': [layers, B, C, kv_heads, head_dim]}, C = prefix + segment_len); new tokens are appended at
@@ -112,10 +114,13 @@ class DecoderLayer(nn.Module):
     c = self.cfg
     x_BLD, shared = carry
     mem_state, cache = per_layer
+    memory = memory_lib.layer_class(c.memory)(c, name="memory") if self.has_memory else None
+    around = getattr(memory, "around_layer", False)  # a segment kind's layer memory (armt)
+    if around:
+      x_BLD = x_BLD + memory.read(mem_state, x_BLD, ctx.docs)
     h_BLD = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BLD)
     out = memory_lib.MemoryOut()
-    if self.has_memory:
-      memory = memory_lib.module_class(c.memory)(c, name="memory")
+    if memory is not None and not around:
       if cache is not None:
         out = memory.read_only(mem_state if ctx.entering is None else ctx.entering, h_BLD)
       elif ctx.entering is None:
@@ -134,9 +139,11 @@ class DecoderLayer(nn.Module):
       return nn.with_logical_constraint(y_BLD.astype(c.dtype), ("batch", "length", "embed")), cache
 
     y_BLD, cache = block(out.kv, out.residual_BLD, cache)
-    if self.has_memory and cache is None and memory.self_updates:  # MemoryLLM: the layer writes its own memory
+    if self.has_memory and cache is None and getattr(memory, "self_updates", False):  # MemoryLLM: the layer writes its own memory
       update_BLD, _ = block(memory.update_prefix(mem_state, x_BLD.shape[1]), None, None)
       mem_state = memory.self_update(mem_state, update_BLD, ctx.docs)
+    if around and cache is None:
+      mem_state = memory.write(mem_state, y_BLD, ctx.docs)
     return (y_BLD, shared), (mem_state, out.stats, out.losses, cache)
 
 
@@ -212,7 +219,7 @@ class SegmentDecoder(nn.Module):
     memory = jax.tree.map(lambda m: jnp.where(cut, jax.lax.stop_gradient(m), m), memory)
     cos, sin = rope_tables(c, positions(c, x_BLD.shape[1]))
     if segment_kind is not None:
-      run = lambda x_BXD, docs: self._layers(x_BXD, {}, LayerContext(cos, sin, docs))[0]
+      run = lambda x_BXD, docs, states: self._layers(x_BXD, states, LayerContext(cos, sin, docs))[:2]
       y_BLD, new_memory, stats = segment_kind(memory, x_BLD, docs, run)
       losses = {}
     elif kind is not None and not memory_lib.stacked(c.memory):  # shared across layers: all read what entered
@@ -236,7 +243,8 @@ class SegmentDecoder(nn.Module):
     cos, sin = rope_tables(c, cache_index_B[:, None] + jnp.arange(x_BLD.shape[1]))
     stacked = memory_lib.stacked(c.memory)
     ctx = LayerContext(cos, sin, None, cache_index_B, entering=None if stacked or segment_kind else memory)
-    y_BLD, _, _, _, cache = self._layers(x_BLD, memory if stacked else {}, ctx, cache)
+    states = segment_kind.layer_states(memory) if segment_kind else memory if stacked else {}
+    y_BLD, _, _, _, cache = self._layers(x_BLD, states, ctx, cache)
     return y_BLD, cache
 
   def _layers(self, x_BLD, memory, ctx: LayerContext, cache=None, shared=None):

@@ -30,11 +30,12 @@ class Dense(nn.Module):
   dtype: Any = "float32"
   use_bias: bool = False
   bias_init: Callable = nn.initializers.zeros
+  kernel_init: Callable = nn.initializers.normal(INIT_STD)
 
   @nn.compact
   def __call__(self, x):
     in_shape = x.shape[x.ndim - self.n_in:]
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.axes),
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         (*in_shape, *self.features), jnp.float32)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
@@ -46,10 +47,11 @@ class Dense(nn.Module):
 
 
 def dense(features, axes: tuple[str, ...], name: str, dtype, n_in: int = 1, use_bias: bool = False,
-          bias_init=nn.initializers.zeros) -> Dense:
+          bias_init=nn.initializers.zeros, kernel_init=nn.initializers.normal(INIT_STD)) -> Dense:
   """Dense with `features` an int or a tuple of output dims."""
   features = features if isinstance(features, tuple) else (features,)
-  return Dense(features, axes, n_in=n_in, dtype=dtype, use_bias=use_bias, bias_init=bias_init, name=name)
+  return Dense(features, axes, n_in=n_in, dtype=dtype, use_bias=use_bias, bias_init=bias_init,
+               kernel_init=kernel_init, name=name)
 
 
 class RMSNorm(nn.Module):

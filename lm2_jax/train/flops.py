@@ -28,6 +28,10 @@ tokens on each side), S slot_dim, R memory heads. Forward FLOPs per token:
                                                            2 x 2 sqrt(K) S + 2 K (the balance loss's routing
                                                            probabilities, read only)
     rmt         the layers' X = L + 2M (above); nothing else
+    armt        rmt's X, plus per associative layer, K key_dim, F = 6K features:
+                  X/L * (2 D K + 2 F D + 2 F)              every position's read: q, A^T phi(q), z . phi(q)
+                  + M/L * (2 D K + 2 D^2 + 2 D + 4 F D + 4 F)   per segment, the M write tokens: k, v, beta,
+                                                           the old value and its normaliser, A and z updates
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
 `config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
@@ -55,7 +59,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   d, h, kv, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   length = min(seq_len, cfg.segment_len)
   m = cfg.memory
-  x = length + 2 * m.num_slots if m.kind == "rmt" else length
+  x = length + 2 * m.num_slots if m.kind in ("rmt", "armt") else length
   per_position = 2 * d * e * (2 * h + 2 * kv) + 4 * x * h * e + 6 * d * cfg.d_ff
   parts = {"layers": cfg.num_layers * x / length * per_position, "logits": 2.0 * d * cfg.vocab_size,
            "memory": 0.0}
@@ -67,6 +71,11 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     balance = 2 * m.num_banks if m.product_keys else 0  # the product of the halves' probabilities, read only
     deep = 10 * d * s + 4 * d + 4 * k * m.bank_slots * s + 2 * k * s + 2 * routing + balance
     parts["memory"] = len(m.layers) * (_lm2_memory(d, s, m.general_slots, length) + deep)
+  elif m.kind == "armt":
+    k, f, M = m.key_dim, m.feature_dim, m.num_slots
+    read = 2 * d * k + 2 * f * d + 2 * f
+    write = 2 * d * k + 2 * d * d + 2 * d + 4 * f * d + 4 * f
+    parts["memory"] = len(m.layers) * (x * read + M * write) / length
   elif m.kind not in ("none", "rmt"):
     raise NotImplementedError(f"config.model.memory.kind={m.kind!r}: no FLOP count for this kind yet; add its "
                               "formula to lm2_jax/train/flops.py")

@@ -11,9 +11,14 @@ and the call of its placement (lm2_jax.model.memory.protocol, DESIGN section 4):
 
   layer    out, new_state = memory(state, h_BLD, docs): `out.residual_BLD`, `out.kv`, `out.stats`,
            `out.losses`; kinds subclass `LayerMemory` (document rules shared) and define `step`
-  segment  y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers); `prefix(state)` (what stands
+  segment  y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers), where
+           run_layers(x_BXD, docs_X, layer_states) -> (y_BXD, new layer_states); `prefix(state)` (what stands
            before the segment's tokens in cached decoding) and static `positions(mcfg, L)`: the rotary
-           positions of the sequence the layers process; its config's `layers` is ()
+           positions of the sequence the layers process. Its config's `layers` is () unless the kind also
+           keeps a memory in those layers (armt): then `layer_memory` is the module each of them builds
+           (`around_layer`: `read(state, x_BLD, docs)` is added to the layer's input and
+           `write(state, y_BLD, docs)` takes the layer's output) and static `layer_states(state)` is the
+           per-layer part of the state, [layers, B, ...], threaded through them
 
 Adding a kind is one new file here that defines the module and decorates it with `@register("name")`, plus one
 import line at the bottom of this file.
@@ -83,6 +88,12 @@ def module_class(mcfg) -> type:
   return KINDS[mcfg.kind]
 
 
+def layer_class(mcfg) -> type:
+  """The module a memory layer builds: the kind itself, or a segment kind's `layer_memory` (armt)."""
+  cls = KINDS[mcfg.kind]
+  return getattr(cls, "layer_memory", cls)
+
+
 def stacked(mcfg) -> bool:
   """Whether the state holds one memory per memory layer, stacked on a leading `layers` axis."""
   return placement(mcfg) == "layer" and not getattr(mcfg, "share_across_layers", False)
@@ -97,3 +108,4 @@ from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')
 from lm2_jax.model.memory import hierarchical  # noqa: E402,F401  (registers 'hierarchical')
 from lm2_jax.model.memory import rmt  # noqa: E402,F401  (registers 'rmt')
 from lm2_jax.model.memory import memoryllm  # noqa: E402,F401  (registers 'memoryllm' and 'mplus')
+from lm2_jax.model.memory import armt  # noqa: E402,F401  (registers 'armt')

@@ -15,9 +15,12 @@ A kind implements `step(state, h_BLD, read_BL, write_BL) -> (out, new_state)`: t
 
 Segment memory (rmt, ...) wraps the layer stack for one segment:
 
-    y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers)    # run_layers(x_BXD, docs) -> y_BXD
+    y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers)
+    # run_layers(x_BXD, docs_X, layer_states) -> (y_BXD, new layer_states)
 
-and for cached decoding says which tokens stand before the segment's own (`prefix`).
+and for cached decoding says which tokens stand before the segment's own (`prefix`). `layer_states` is the part
+of the state a segment kind keeps in the layers of its `layers` ([layers, B, ...]; {} for rmt): armt's
+associative matrices, which each of those layers reads into its input and writes from its output.
 
 Documents (`Documents`, built by the decoder from the document id of every token): the memory entering a segment
 belongs to the document of the token just before it. Tokens of that document read it; tokens of a document that

@@ -56,7 +56,7 @@ class RMTMemoryConfig:
   def parse(cls, cfg: Any, *, num_layers: int, d_model: int) -> "RMTMemoryConfig":
     del num_layers
     v = as_dict(cfg, "model.memory")
-    check("num_slots" in v, "model.memory.num_slots", None, "required for memory kind 'rmt'")
+    check("num_slots" in v, "model.memory.num_slots", None, f"required for memory kind {v['kind']!r}")
     layers = v.get("layers", "all")
     check(layers == "all", "model.memory.layers", layers,
           "memory kind 'rmt' is model-level: its memory tokens pass through every layer, so per-layer placement "
@@ -108,18 +108,40 @@ class RMTMemory(nn.Module):
                                  (c.memory.num_slots, c.d_model), jnp.float32)
     self.write_norm = RMSNorm(c.norm_eps, jnp.float32)
 
+  @staticmethod
+  def layer_states(state) -> dict:
+    """The part of the state that lives in layers, [layers, B, ...] (what `run_layers` threads through the
+    memory layers of `config.memory.layers`): none for rmt."""
+    del state
+    return {}
+
   def __call__(self, state, x_BLD, docs: Documents | None, run_layers):
     """The document rules (module docstring): the read tokens hold a fresh memory where the segment's first
     document is not the memory's, the write tokens where its last one is not."""
-    read, write = state, state
-    if docs is not None:
-      fresh = self.init_state(self.cfg.memory, x_BLD.shape[0])
-      read = select_rows(~docs.read_BL[:, 0], fresh, state)
-      write = select_rows(docs.reset_B, fresh, state)
-      ids_BX = self.extended_ids(self.cfg.memory, docs.ids_BL)
-      docs = Documents.make(ids_BX, ids_BX[:, 0])  # the layers read the ids only: no layer memory here
-    y_BLD, new_state = self.unwrap(run_layers(self.wrap(read, write, x_BLD), docs))
+    x_BXD, docs_X = self.enter(state, x_BLD, docs)
+    y_BXD, _ = run_layers(x_BXD, docs_X, {})
+    y_BLD, new_state = self.unwrap(y_BXD)
     return y_BLD, new_state, {}
+
+  def enter(self, state, x_BLD, docs: Documents | None):
+    """-> (x_BXD = `wrap` of the read and write memories under the document rules, the documents of the X
+    positions or None)."""
+    if docs is None:
+      return self.wrap(state, state, x_BLD), None
+    fresh = self.init_state(self.cfg.memory, x_BLD.shape[0])
+    read = select_rows(~docs.read_BL[:, 0], fresh, state)
+    write = select_rows(docs.reset_B, fresh, state)
+    return self.wrap(read, write, x_BLD), self.extended_docs(docs)
+
+  def extended_docs(self, docs: Documents) -> Documents:
+    """The documents of [read ; segment ; write]: the read tokens are the segment's first document's (the
+    memory's when its first token's is), the write tokens its last document's (the memory's unless it is new)."""
+    B, M = docs.ids_BL.shape[0], self.cfg.memory.num_slots
+    ends = lambda first_B1, last_B1: lambda a_BL: jnp.concatenate(
+        [jnp.broadcast_to(first_B1, (B, M)), a_BL, jnp.broadcast_to(last_B1, (B, M))], axis=1)
+    read = ends(docs.read_BL[:, :1], ~docs.reset_B[:, None])(docs.read_BL)
+    write = ends(docs.write_BL[:, :1], jnp.ones((B, 1), bool))(docs.write_BL)
+    return Documents(self.extended_ids(self.cfg.memory, docs.ids_BL), read, write, docs.reset_B)
 
   def prefix(self, state):
     """x_BMD: what stands before a segment's tokens (positions 0..M-1): the read tokens P + S."""
