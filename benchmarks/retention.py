@@ -231,6 +231,8 @@ def run(model_dir: str, out: str, seeds: list[int], trials: int, sleep_every: in
   for seed in seeds:
     for i in range(trials):
       results.append({"seed": seed, "trial": i, **t.trial(seed, i)})
+      with open(os.path.join(out, "trials.jsonl"), "a") as f:  # kept as they come: a cut run keeps its trials
+        f.write(json.dumps(results[-1]) + "\n")
       print(json.dumps({"seed": seed, "trial": i, "memory": results[-1]["memory"], "sleep": results[-1]["sleep"],
                         "sleep_reset": results[-1]["sleep_reset"], "seconds": time.perf_counter() - start}),
             flush=True)
@@ -309,6 +311,7 @@ _FACTS = flags.DEFINE_integer("facts", 4, "run: facts injected (K).")
 _SLEEP_STEPS = flags.DEFINE_integer("sleep_steps", 50, "run: consolidation steps per sleep.")
 _SLEEP_LR = flags.DEFINE_float("sleep_lr", 3e-3, "run: consolidation learning rate.")
 _SLEEP_RANK = flags.DEFINE_integer("sleep_rank", 0, "run: adapter rank (0: full fine-tuning).")
+_SLEEP_GENERAL = flags.DEFINE_enum("sleep_general", "kl", ["nll", "kl"], "run: the general-text term of a sleep.")
 flags.mark_flags_as_required(["mode", "out"])
 
 
@@ -317,7 +320,8 @@ def main(argv):
   if _MODE.value == "train":
     train(_KIND.value, _OUT.value, _STEPS.value, _SEED.value)
   else:
-    budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value}
+    budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value,
+              "general_loss": _SLEEP_GENERAL.value}
     run(_MODEL.value, _OUT.value, [int(x) for x in _SEEDS.value], _TRIALS.value, _SLEEP_EVERY.value, _N_MAX.value,
         _FACTS.value, budget)
 

@@ -12,6 +12,8 @@
    with a fresh memory. On the replay rows x (mask m over real positions) and general-text rows g,
        loss(theta) = sum_t m_t KL(p(. | x_<=t; theta_0, memory) || p(. | x_<=t; theta, fresh)) / sum_t m_t
                      + general_weight * NLL(g; theta, fresh)
+   (or, with general_loss 'kl', KL(p(. | g; theta_0, fresh) || p(. | g; theta, fresh)): the model's own
+   predictions on general text kept, for a model whose training loss did not cover every token)
    (the general term keeps what the parameters knew: `general` is a token stream the caller names, default the
    built-in prose of lm2_jax.data.babi.prose through the session's tokenizer). Adam, `steps` steps, all replay
    rows and `general_rows` random windows of the general stream's first 80% per step. Trained: all parameters
@@ -54,6 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.steps = 60
   c.learning_rate = 1e-3
   c.general_weight = 1.0
+  c.general_loss = "nll"   # the general-text term: 'nll' (next-token loss) or 'kl' (KL from the model before the
+                           # sleep, both with a fresh memory: keeps its predictions where it was never trained)
   c.general_rows = 8       # general-text windows per step
   c.general_len = 0        # tokens per window (0: two segments)
   c.rank = 0               # 0: full fine-tuning; > 0: low-rank adapters of this rank
@@ -77,6 +81,7 @@ def with_overrides(config: ml_collections.ConfigDict | None, **overrides) -> ml_
   check(isinstance(c.rank, int) and c.rank >= 0, "consolidate.rank", c.rank, "must be >= 0 (0: full fine-tuning)")
   check(c.learning_rate > 0, "consolidate.learning_rate", c.learning_rate, "must be > 0")
   check(c.general_weight >= 0, "consolidate.general_weight", c.general_weight, "must be >= 0")
+  check(c.general_loss in ("nll", "kl"), "consolidate.general_loss", c.general_loss, "use 'nll' or 'kl'")
   return c
 
 
@@ -131,7 +136,7 @@ class _Functions:
   """The compiled functions of one model config and training setup (shared across sleeps: `_functions`)."""
 
   def __init__(self, cfg: ModelConfig, rank: int, alpha: float, learning_rate: float, general_weight: float,
-               layers, targets: str):
+               layers, targets: str, general_mode: str = "nll"):
     model = LM2Model(cfg)
     self.chosen = {}
     if rank:
@@ -150,10 +155,16 @@ class _Functions:
     def general_loss(p, rows):
       return next_token_loss(model.apply({"params": p}, rows, model.init_memory(rows.shape[0]))[0], rows)[0]
 
+    def general_term(p, params, rows):
+      if general_mode == "nll":
+        return general_loss(p, rows)
+      before = jax.lax.stop_gradient(self.teacher(params, rows, model.init_memory(rows.shape[0])))
+      return kl(p, before, rows, jnp.ones(rows.shape, jnp.float32))
+
     def step(trainable, opt, params, teacher_logp, toks, mask, g_rows):
       def loss_fn(t):
         p = effective(params, t)
-        return kl(p, teacher_logp, toks, mask) + general_weight * general_loss(p, g_rows)
+        return kl(p, teacher_logp, toks, mask) + general_weight * general_term(p, params, g_rows)
       loss, grads = jax.value_and_grad(loss_fn)(trainable)
       updates, opt = self.tx.update(grads, opt, trainable)
       return optax.apply_updates(trainable, updates), opt, loss
@@ -212,7 +223,7 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
   held_out = _windows(general[cut:], g_len, max(c.general_rows, 8), np.random.default_rng(c.seed + 1))
 
   fn = _functions(cfg, c.rank, c.alpha or float(max(c.rank, 1)), c.learning_rate, c.general_weight,
-                  c.layers if isinstance(c.layers, (str, int)) else tuple(c.layers), c.targets)
+                  c.layers if isinstance(c.layers, (str, int)) else tuple(c.layers), c.targets, c.general_loss)
   teacher_logp = fn.teacher(params, toks_R, _tile(model, memory, len(toks_R)))
   kl_before, general_before = (float(x) for x in fn.evaluate(params, teacher_logp, toks_R, mask_R, held_out))
   trainable = params if not c.rank else adapters_lib.init(params, fn.chosen, c.rank, jax.random.key(c.seed))
