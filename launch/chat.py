@@ -8,6 +8,9 @@ A plain line is a question: it is fed and answered (Session.ask), and the exchan
   /save PATH             write the session (memory, pending tokens, history) to a new directory
   /load PATH             continue from a saved session (refused if it was saved under another model)
   /reset                 a fresh memory and an empty history
+  /sleep [FIELD=VALUE ...]  the sleep phase: distil the memory into the parameters and free it (Session.sleep);
+                         fields of lm2_jax.consolidate.default_config (steps=60 rank=4 ...), and general=FILE: the
+                         general text (default: the built-in prose; a file of ids for a model of token ids)
   /stats                 what the memory holds: the history entries and the read statistics per slot
   /quit                  or end of input
 On a terminal: a prompt and readline line editing. On a pipe: no prompt, one output line per question (a
@@ -38,7 +41,7 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most probable token
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: no cut).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed of the first question.")
 
-COMMANDS = ("/inject", "/save", "/load", "/reset", "/stats", "/quit")
+COMMANDS = ("/inject", "/save", "/load", "/reset", "/sleep", "/stats", "/quit")
 
 
 class Chat:
@@ -59,6 +62,8 @@ class Chat:
       if not arg:
         raise ValueError(f"{name}: give {what} after it")
       return fn(arg)
+    if name == "/sleep":
+      return self.sleep(arg)
     if name in ("/reset", "/stats") and not arg:
       return self.reset() if name == "/reset" else self.stats()
     raise ValueError(f"{line!r}: not a command; the commands are {' '.join(COMMANDS)} (/reset and /stats take "
@@ -99,6 +104,24 @@ class Chat:
     self.session.reset()
     return self.done("fresh memory, empty history")
 
+  def sleep(self, arg: str) -> str | None:
+    fields, general = {}, None
+    for item in arg.split():
+      key, eq, value = item.partition("=")
+      if not eq or not value:
+        raise ValueError(f"/sleep: {item!r} is not FIELD=VALUE (e.g. steps=60)")
+      if key == "general":
+        with open(value, encoding="utf-8") as f:
+          general = self.session.tokenizer.encode(f.read())
+      else:
+        fields[key] = _value(value)
+    report = self.session.sleep(general=general, **fields)
+    return self.done(f"slept: {report['units']['reset']} of {report['units']['read']} read units freed, "
+                     f"{report['segments']['replayed']} segments and {report['questions_replayed']} questions "
+                     f"replayed; KL {report['kl_before']:.4f} -> {report['kl_after']:.4f}, general-text loss "
+                     f"{report['general_loss_before']:.4f} -> {report['general_loss_after']:.4f} "
+                     f"({report['seconds']:.1f} s)")
+
   def stats(self) -> str:
     s = self.session
     lines = [f"history: {len(s.history)} entries; {self._where()}"]
@@ -123,6 +146,16 @@ class Chat:
   def _where(self) -> str:
     s, n = self.session, self.session.config.segment_len
     return f"{s.position} tokens: {s.position // n} segments in memory, {s.position % n} pending"
+
+
+def _value(text: str):
+  """'60' -> 60, '1e-3' -> 0.001, 'true' -> True, anything else stays text."""
+  for parse in (int, float):
+    try:
+      return parse(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _short(text: str, n: int = 60) -> str:

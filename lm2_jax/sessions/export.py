@@ -15,6 +15,7 @@ It is written beside its final name and renamed into place, so an interrupted ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,24 +58,38 @@ def export(out: str, config, params, tokenizer: Tokenizer, session: str | None =
     raise ConfigError(f"--out={out!r}: already exists; give a new directory (an export never overwrites)")
   if session is not None:
     check_saved(session, params, config)
+  with atomic_directory(out) as tmp:
+    write_export(tmp, config, params, tokenizer)
+    if session is not None:
+      shutil.copytree(session, os.path.join(tmp, SESSION_DIR))
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str):
+  """Yields a new directory beside `out` to fill; renamed to `out` when the block ends, removed if it raises (an
+  interrupted write leaves nothing at `out`)."""
+  out = os.path.abspath(out)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
   try:
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config_json(config), f, indent=2)
-    if isinstance(tokenizer, IdTokenizer):
-      with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
-        json.dump({"kind": "token_ids", "vocab_size": tokenizer.vocab_size}, f)
-    else:
-      shutil.copyfile(tokenizer.path, os.path.join(tmp, "tokenizer.model"))
-    if session is not None:
-      shutil.copytree(session, os.path.join(tmp, SESSION_DIR))
+    yield tmp
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_export(path: str, config, params, tokenizer: Tokenizer) -> None:
+  """params/, config.json and the tokenizer of an export, written into the existing directory `path`."""
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(path, "params"), jax.tree.map(np.asarray, params))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_json(config), f, indent=2)
+  if isinstance(tokenizer, IdTokenizer):
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+      json.dump({"kind": "token_ids", "vocab_size": tokenizer.vocab_size}, f)
+  else:
+    shutil.copyfile(tokenizer.path, os.path.join(path, "tokenizer.model"))
 
 
 def load_export(path: str):

@@ -10,7 +10,9 @@ The three tiers: the current segment's tokens sit in the KV cache (short-term), 
 sits in the memory state (episodic), the parameters hold the rest (long-term). Text reaches the memory when its
 segment fills; until then its tokens are pending in the cache, and they are part of the saved state.
 
-`history` lists what was injected and asked, each entry with the token span it occupies in the session's stream
+`tokens` is the session's stream; the episodic memory is what its segments since `base_offset` wrote into
+`base_memory` (a fresh memory, or the memory a sleep left: `sleep()`, lm2_jax.consolidate). `history` lists what
+was injected and asked (and slept), each entry with the token span it occupies in the session's stream
 and the memory's read statistics per slot after it (`read_stats`: every `*read_mass` array of the state, the
 decayed attention mass each slot received; empty for kinds without slots). The sleep phase replays from it.
 
@@ -90,6 +92,8 @@ class Session:
     """A fresh memory and an empty context; the history is cleared."""
     self.state: DecodeState = self._dec.fresh(self.params, 1)
     self.position = 0  # tokens in the session's stream so far
+    self.tokens: list[int] = []  # the stream itself (what the sleep phase replays)
+    self.base_offset, self.base_memory = 0, self.state.memory  # where the episodic memory starts: the last sleep
     self.history: list[dict[str, Any]] = []
     mplus = self.config.memory.kind == "mplus"
     self.ltm = LongTermStore.for_config(self.config, self.ltm_capacity) if mplus else None
@@ -112,6 +116,7 @@ class Session:
       self.state = self._dec.feed(self.params, self.state, [ids[i:i + chunk]])
       self._spill()
     self.position += len(ids)
+    self.tokens += [int(i) for i in ids]
 
   def _memory_params(self, layer: int):
     params = unscan_layout(self.params, self.config) if self.config.scan_layers else self.params
@@ -177,6 +182,7 @@ class Session:
     ids, self.state = self._dec.generate(self.params, self.state, s, self.tokenizer.decode)
     self._spill()
     self.position += len(ids[0])
+    self.tokens += [int(i) for i in ids[0]]
     text = strip_stop_strings(self.tokenizer.decode([i for i in ids[0] if i != self.tokenizer.eos_id]),
                               s.stop_strings)
     self._log("ask", prompt or "", start, answer=text)
@@ -186,6 +192,26 @@ class Session:
     """A question: `generate` after `prompt`."""
     return self.generate(prompt, **sampling)
 
+  def sleep(self, general=None, **budget) -> dict:
+    """The sleep phase in-process (lm2_jax.consolidate): distils what the episodic memory holds into the
+    parameters, frees the consolidated slots, and continues with both; the pending tokens of the current segment
+    are fed again under the new parameters. `budget`: fields of lm2_jax.consolidate.default_config (steps=,
+    max_tokens=, slots=, rank=, ...); `general`: the general-text token stream (default: the built-in prose).
+    Returns the report; raises NothingToConsolidate (a ValueError) when the memory holds nothing."""
+    from lm2_jax.consolidate import distill as lib  # pylint: disable=import-outside-toplevel
+    result = lib.consolidate(self.config, self.params, self.tokenizer, self.tokens, self.base_offset,
+                             self.base_memory, self.history, self.state.memory, general=general,
+                             config=lib.with_overrides(None, **budget))
+    pending = self._dec.pending(self.state)[0]
+    self.params = result.params
+    fresh = self._dec.fresh(self.params, 1)
+    state = fresh.replace(memory=result.memory, logits_BV=self.state.logits_BV)
+    self.state = self._dec.feed(self.params, state, [pending])  # the pending tokens again, under the new params
+    self.base_offset, self.base_memory = self.position - len(pending), result.memory
+    self._log("sleep", "", self.position, report={k: result.report[k] for k in (
+        "units", "segments", "kl_before", "kl_after", "general_loss_before", "general_loss_after", "steps", "seconds")})
+    return result.report
+
   def save(self, path: str) -> None:
     """Writes the memory state, the pending tokens of the current segment and the history under `path` (Orbax
     for the arrays, JSON for the rest; a session saved there before is replaced)."""
@@ -194,9 +220,12 @@ class Session:
     if jax.tree.leaves(self.state.memory):  # memory kind 'none' has no state
       with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(path, "memory"), jax.tree.map(np.asarray, self.state.memory), force=True)
+        if self.base_offset:  # after a sleep: the memory the stream since then was written into
+          ckpt.save(os.path.join(path, "base_memory"), jax.tree.map(np.asarray, self.base_memory), force=True)
     os.makedirs(path, exist_ok=True)
     meta = {"format": _FORMAT, "model_config": _describe(self.config), "param_shapes": _shapes(self.params),
-            "pending": pending, "position": self.position, "history": self.history}
+            "pending": pending, "position": self.position, "history": self.history, "tokens": self.tokens,
+            "base_offset": self.base_offset}
     if self.ltm is not None:  # mplus: the host long-term store, and how far it is spilled
       self.ltm.save(os.path.join(path, "ltm"))
       meta["ltm_spilled"] = self._spilled.tolist()
@@ -209,13 +238,19 @@ class Session:
     with params of other shapes, naming both (`check_saved`), and an mplus host store of another config."""
     meta = check_saved(path, params, config)
     s = cls(params, config, tokenizer, ltm_capacity)
-    memory = s.state.memory
+    memory, base = s.state.memory, s.state.memory
+    # a session saved before streams were logged: its text cannot be replayed, so its memory counts as the base
+    tokens, offset = meta.get("tokens", []), meta.get("base_offset", meta["position"])
     if jax.tree.leaves(memory):  # memory kind 'none' saved none
       with ocp.StandardCheckpointer() as ckpt:
-        memory = ckpt.restore(os.path.join(os.path.abspath(path), "memory"), jax.tree.map(np.asarray, memory))
+        like = jax.tree.map(np.asarray, memory)
+        memory = ckpt.restore(os.path.join(os.path.abspath(path), "memory"), like)
+        base = memory if "tokens" not in meta else (
+            ckpt.restore(os.path.join(os.path.abspath(path), "base_memory"), like) if offset else base)
     st = s.state.replace(memory=jax.tree.map(jax.numpy.asarray, memory))
     s.state = s._dec.feed(s.params, st, [meta["pending"]])
-    s.position, s.history = meta["position"], meta["history"]
+    s.position, s.history, s.tokens = meta["position"], meta["history"], tokens
+    s.base_offset, s.base_memory = offset, jax.tree.map(jax.numpy.asarray, base)
     if s.ltm is not None:
       s.ltm = LongTermStore.load(os.path.join(os.path.abspath(path), "ltm"), s.config, s.ltm_capacity)
       s._spilled = np.asarray(meta["ltm_spilled"])
