@@ -96,3 +96,4 @@ def placement(mcfg) -> str | None:
 from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')
 from lm2_jax.model.memory import hierarchical  # noqa: E402,F401  (registers 'hierarchical')
 from lm2_jax.model.memory import rmt  # noqa: E402,F401  (registers 'rmt')
+from lm2_jax.model.memory import titans  # noqa: E402,F401  (registers 'titans')

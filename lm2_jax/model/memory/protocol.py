@@ -116,6 +116,8 @@ class LayerMemory(nn.Module):
 
   placement = "layer"
   emits_kv = False  # a kind whose output has `kv` sets this (both document calls are always made)
+  residual_before_attention = False  # the residual enters the stream before the layer's attention, which reads it
+  decode_by_segment = False  # cached decoding runs the segment so far per token (reads depend on its earlier tokens)
 
   def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
     """-> (MemoryOut, new_state): the tokens of `read_BL` read `state`, those of `write_BL` are written into it,
