@@ -88,12 +88,18 @@ def main(argv):
       window = []
       curve.append(point)
       print(json.dumps(point), flush=True)
+      _write(curve, bad, step, t0)
+  _write(curve, bad, _STEPS.value, t0)
+  print(f"non-finite steps: {bad} of {_STEPS.value}; loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+
+
+def _write(curve, bad, done, t0):
+  """The result so far to --out (a run cut short still leaves its curve)."""
   result = {"config": {"d_model": _D.value, "layers": _LAYERS.value, "heads": _HEADS.value, "depth": _DEPTH.value,
                        "chunk_size": _CHUNK.value, "variant": _VARIANT.value, "seq_len": _SEQ.value,
                        "segment_len": _SEG.value, "batch": _BATCH.value, "steps": _STEPS.value,
                        "learning_rate": _LR.value, "seed": _SEED.value},
-            "nonfinite": bad, "curve": curve, "wall_s": round(time.time() - t0, 1)}
-  print(f"non-finite steps: {bad} of {_STEPS.value}; loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+            "steps_done": done, "nonfinite": bad, "curve": curve, "wall_s": round(time.time() - t0, 1)}
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)

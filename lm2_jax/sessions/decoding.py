@@ -17,6 +17,11 @@ compiled `lax.while_loop`: each token is appended with `extend` (it reads the me
 the cache), and a row whose segment fills is written and restarted inside the loop. No function compiles per
 prompt length or per token: the shapes are the batch, one segment and a bucketed output buffer.
 
+A memory kind whose reads inside a segment depend on the segment's earlier tokens beyond attention's keys
+(`decode_by_segment`: titans, whose chunks update the memory within the segment) is decoded without `extend`: each
+new token runs the ordinary forward of its segment so far (padded; causal, so the padding is never read) from the
+memory that entered it, which costs a segment's forward per token and gives exactly the uncached logits.
+
 Each row behaves exactly as it would alone: rows never share anything, and a row's segment boundaries fall every
 segment_len tokens from the start of its stream, whatever the other rows hold.
 """

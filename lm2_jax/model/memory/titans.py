@@ -171,7 +171,7 @@ class TitansMemory(LayerMemory):
                                  bias_init=nn.initializers.constant(b))
     self.eta, self.theta, self.alpha = rate("eta", 2.0), rate("theta", -2.0), rate("alpha", -5.0)
     if m.variant == "mac":
-      kv = ((c.num_kv_heads, c.head_dim), ("heads", "head_dim", "kv_heads", "head_dim"))
+      kv = ((c.num_kv_heads, c.head_dim), ("heads", None, "kv_heads", "head_dim"))
       self.kv_k, self.kv_v = (dense(*kv, name, dt, n_in=2) for name in ("kv_k", "kv_v"))
       persist = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (None, "kv_heads", "head_dim"))
       shape = (m.persistent_tokens, c.num_kv_heads, c.head_dim)
@@ -218,6 +218,12 @@ class TitansMemory(LayerMemory):
     new_state = {**{f"w{i}": a for i, a in enumerate(dw)}, **{f"s{i}": a for i, a in enumerate(s)}}
     surprise_B = norm_NB.sum(0) / jnp.maximum((count_BN > 0).sum(-1), 1)
     return self._output(h_BLD, read_BLRE, jax.lax.stop_gradient(surprise_B)), new_state
+
+  def read_only(self, state, h_BLD) -> MemoryOut:
+    raise NotImplementedError(
+        "memory kind 'titans': a token's read depends on the tokens of its segment before it, which a decoding "
+        "cache does not hold; decode with lm2_jax.sessions.decoding, which runs the segment so far instead "
+        "(decode_by_segment)")
 
   def _output(self, h_BLD, read_BLRE, surprise_B) -> MemoryOut:
     m, stats = self.cfg.memory, {"surprise": surprise_B}
