@@ -187,7 +187,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder) | titans
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder)
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -203,7 +203,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.balance_loss_weight = 0.01
   m.memory.product_keys = False  # route with product keys (num_banks a square): O(sqrt(num_banks)) per token
   m.memory.capacity_factor = 2.0  # per-bank token capacity per segment, in multiples of the even share
-  # titans (lm2_jax/model/memory/titans.py): an MLP memory updated per chunk by gradient steps; num_heads above
+  # kind titans (lm2_jax/model/memory/titans.py): an MLP memory updated per chunk by gradient steps; num_heads above
   m.memory.variant = "mac"       # mac (memory as context) | mag (gated branch) | mal (memory layer before attention)
   m.memory.depth = 2             # layers of the memory MLP, 1-4
   m.memory.expansion = 2         # its hidden width, in multiples of d_model / num_heads
