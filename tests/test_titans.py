@@ -48,6 +48,7 @@ def _numpy_chunk(p, state, h, w, tau):
   q, k, v = unit(proj("q_proj")), unit(proj("k_proj")), proj("v_proj")
   W1, W2 = p["init_w0"][None] + state["w0"], p["init_w1"][None] + state["w1"]
   read = np.einsum("brlh,brhe->brle", _gelu(np.einsum("brle,breh->brlh", q, W1))[0], W2)
+  read = read / np.sqrt((read * read).mean(-1, keepdims=True) + 1e-6)
   z = np.einsum("brle,breh->brlh", k, W1)
   a, da_dz = _gelu(z)
   err = np.einsum("brlh,brhe->brle", a, W2) - v
