@@ -12,10 +12,12 @@ batch x seq_len for every entry.
 
 Entries (default shape: batch 4 x 512 tokens, width 256, 4 layers, 4 heads of 64, 128-token segments, vocab 1024,
 float32, 16 memory slots or tokens, feed-forward width 682 = the peers' GEGLU width at ff_mult 4):
-  ours/none, ours/lm2, ours/rmt, ours/armt, ours/hierarchical
+  ours/none, ours/lm2, ours/rmt, ours/armt, ours/hierarchical, ours/titans
       lm2_jax.train.trainer's jit train step (the one `launch.train` runs), memory `kind` from configs/defaults.py
       with the shape above; `hierarchical` keeps its default banks (32 general slots + 64 banks of 32, top 2);
       `armt` is rmt's 16 tokens plus an associative matrix in every layer (key_dim 32: 192 features).
+      `titans` is MAC in every layer with the config's defaults (memory MLP depth 2, expansion 2, 4 persistent
+      tokens), --heads memory heads and chunks of --titans_chunk tokens.
       Gradients flow through all segments (bptt_segments=0), as in both peers.
   rmt-pytorch       RecurrentMemoryTransformerWrapper(RecurrentMemoryTransformer(...)) at the same shape, the
                     library's defaults otherwise; loss = wrapper(x, return_loss=True).
@@ -44,7 +46,7 @@ from absl import app, flags
 
 from launch import compile_cache
 
-OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/armt", "ours/hierarchical")
+OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/armt", "ours/hierarchical", "ours/titans")
 PEERS = ("rmt-pytorch", "titans-pytorch")
 LAYER_PAIR = ("ours/lm2-layer", "lm2-official/layer")
 PEERS_HINT = "pip install -e '.[peers]'"
@@ -63,6 +65,7 @@ _DFF = flags.DEFINE_integer("d_ff", 682, "Our SwiGLU width (682: the peers' GEGL
 _SEG = flags.DEFINE_integer("segment_len", 128, "Tokens per segment.")
 _VOCAB = flags.DEFINE_integer("vocab", 1024, "Vocabulary size.")
 _SLOTS = flags.DEFINE_integer("slots", 16, "Memory slots (lm2) / memory tokens (rmt, titans long-term).")
+_TITANS_CHUNK = flags.DEFINE_integer("titans_chunk", 32, "ours/titans: tokens per memory update (memory.chunk_size).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one entry as a worker process.")
 
 
@@ -82,7 +85,8 @@ def _ours(kind: str):
   config.model.update(dict(vocab_size=_VOCAB.value, d_model=_D.value, num_layers=_LAYERS.value,
                            num_heads=_HEADS.value, num_kv_heads=_HEADS.value, d_ff=_DFF.value,
                            segment_len=_SEG.value, bptt_segments=0))
-  config.model.memory.update(dict(kind=kind, num_slots=_SLOTS.value, num_heads=_HEADS.value))
+  config.model.memory.update(dict(kind=kind, num_slots=_SLOTS.value, num_heads=_HEADS.value,
+                                  chunk_size=_TITANS_CHUNK.value))
   config.train.update(dict(batch_size=_BATCH.value, seq_len=_SEQ.value, warmup_steps=1))
   setup = trainer.build(config)
   state = trainer.init_state(setup)
@@ -286,7 +290,7 @@ class Worker:
 
 def _forwarded_flags() -> list[str]:
   names = ("compile_cache", "steps", "threads", "lm2_src", "batch", "seq_len", "d_model", "layers", "heads", "d_ff", "segment_len",
-           "vocab", "slots")
+           "vocab", "slots", "titans_chunk")
   return [f"--{n}={flags.FLAGS[n].value}" for n in names if flags.FLAGS[n].value is not None]
 
 

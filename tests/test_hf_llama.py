@@ -131,6 +131,29 @@ def test_load_into_rmt_model_keeps_llama_and_fresh_memory(tmp_path, kind):
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(hf, tokens), atol=1e-5, rtol=0)
 
 
+def test_load_into_titans_keeps_llama_and_round_trips_its_memory(tmp_path):
+  """titans 'mal' in layer 1 adds a memory and the norm before attention (post_memory_norm): both a fresh
+  initialisation, the rest Llama; save writes them beside the Llama, and load reads them back."""
+  hf = _hf_model("gqa")
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  _, llama_params = hf_llama.load(str(tmp_path))
+  titans = default_model_config()
+  titans.segment_len = 16
+  titans.memory.update(dict(kind="titans", variant="mal", layers="1", num_heads=2, chunk_size=4))
+  config, params = hf_llama.load(str(tmp_path), titans, rng=jax.random.key(3))
+  fresh = init_params(LM2Model(config), jax.random.key(3))["decoder"]["layers_1_2"]
+  for name in ("memory", "post_memory_norm"):
+    jax.tree.map(np.testing.assert_array_equal, params["decoder"]["layers_1_2"][name], fresh[name])
+  np.testing.assert_array_equal(params["decoder"]["layers_1_2"]["attn"]["q_proj"]["kernel"][0],
+                                llama_params["decoder"]["layers_0_2"]["attn"]["q_proj"]["kernel"][1])
+  hf_llama.save(params, config, str(tmp_path / "out"))
+  back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+  tokens = np.random.default_rng(1).integers(0, BASE["vocab_size"], (1, 20))
+  np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(hf, tokens), atol=1e-5, rtol=0)
+  _, again = hf_llama.load(str(tmp_path / "out"))
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
 def test_load_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     hf_llama.load(str(tmp_path))

@@ -187,7 +187,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | armt | memoryllm | mplus (README: the kinds)
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | armt | memoryllm | mplus | titans (README: the kinds)
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -211,4 +211,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   # armt (lm2_jax/model/memory/armt.py): rmt's tokens plus an associative matrix in each of `layers`
   m.memory.key_dim = 32        # keys and queries before the DPFP feature map (features: 6 * key_dim)
   m.memory.gamma_correction = True  # the normaliser counts only the new part of a key (off: the plain sum)
+  # kind titans (lm2_jax/model/memory/titans.py): an MLP memory updated per chunk by gradient steps; num_heads above
+  m.memory.variant = "mac"       # mac (memory as context) | mag (gated branch) | mal (memory layer before attention)
+  m.memory.depth = 2             # layers of the memory MLP, 1-4
+  m.memory.expansion = 2         # its hidden width, in multiples of d_model / num_heads
+  m.memory.chunk_size = 32       # tokens per memory update; a token reads the chunks before its own
+  m.memory.persistent_tokens = 4  # mac: learned keys/values every token attends to
+  m.memory.max_update_norm = 1.0  # gradient norm per head and chunk is clipped to this
   return m

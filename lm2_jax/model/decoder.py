@@ -127,6 +127,10 @@ class DecoderLayer(nn.Module):
         out, mem_state = memory(mem_state, h_BLD, ctx.docs)
       else:
         out, shared = memory(ctx.entering, h_BLD, ctx.docs, write_state=shared)
+      if memory.residual_before_attention:  # memory as a layer (titans 'mal'): attention reads its output
+        x_BLD = x_BLD + out.residual_BLD
+        h_BLD = RMSNorm(c.norm_eps, c.dtype, name="post_memory_norm")(x_BLD)
+        out = out.replace(residual_BLD=None)
     ids_BL = None if ctx.docs is None else ctx.docs.ids_BL
     attn, mlp_norm, mlp = Attention(c, name="attn"), RMSNorm(c.norm_eps, c.dtype, name="mlp_norm"), MLP(c, name="mlp")
 

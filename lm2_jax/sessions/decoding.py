@@ -17,6 +17,11 @@ compiled `lax.while_loop`: each token is appended with `extend` (it reads the me
 the cache), and a row whose segment fills is written and restarted inside the loop. No function compiles per
 prompt length or per token: the shapes are the batch, one segment and a bucketed output buffer.
 
+A memory kind whose reads inside a segment depend on the segment's earlier tokens beyond attention's keys
+(`decode_by_segment`: titans, whose chunks update the memory within the segment) is decoded without `extend`: each
+new token runs the ordinary forward of its segment so far (padded; causal, so the padding is never read) from the
+memory that entered it, which costs a segment's forward per token and gives exactly the uncached logits.
+
 Each row behaves exactly as it would alone: rows never share anything, and a row's segment boundaries fall every
 segment_len tokens from the start of its stream, whatever the other rows hold.
 """
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm2_jax.model import LM2Model, ModelConfig
+from lm2_jax.model import memory as memory_lib
 from lm2_jax.model.config import ConfigError
 from lm2_jax.model.memory.protocol import select_rows
 
@@ -121,11 +127,24 @@ class Decoder:
     def extend(params, memory, cache, tokens_BL, index_B):
       return model.apply({"params": params}, tokens_BL, memory, cache, index_B, method=LM2Model.extend)
 
+    def rerun(params, memory, tokens_BS, index_B):
+      """Logits [B, V] at per-row positions index_B of the segment `tokens_BS` (tokens after them are ignored: causal),
+      by the ordinary forward from the memory that entered it: for kinds whose reads depend on the segment's earlier
+      tokens beyond attention's keys (`decode_by_segment`, e.g. titans' in-segment updates)."""
+      logits = model.apply({"params": params}, tokens_BS, memory)[0]
+      return logits[jnp.arange(tokens_BS.shape[0]), index_B]
+
+    by_segment = config.memory.kind != "none" and getattr(memory_lib.module_class(config.memory),
+                                                          "decode_by_segment", False)
+
     def append(params, st: DecodeState, tok_B, live_B) -> DecodeState:
       """One token per live row; a row whose segment fills is written and its cache restarted."""
       B = tok_B.shape[0]
-      logits, cache = extend(params, st.memory, st.cache, tok_B[:, None], st.pos_B)
       segment_BS = st.segment_BS.at[jnp.arange(B), st.pos_B].set(tok_B)
+      if by_segment:
+        logits, cache = rerun(params, st.memory, segment_BS, st.pos_B)[:, None], st.cache
+      else:
+        logits, cache = extend(params, st.memory, st.cache, tok_B[:, None], st.pos_B)
       pos_B = st.pos_B + live_B.astype(jnp.int32)
       st = DecodeState(st.memory, cache, pos_B, segment_BS, jnp.where(live_B[:, None], logits[:, 0], st.logits_BV))
       full_B = pos_B == S
@@ -158,6 +177,7 @@ class Decoder:
     self.segment = jax.jit(segment)
     self.start = jax.jit(start, static_argnums=2)
     self.extend = jax.jit(extend)
+    self.rerun = jax.jit(rerun) if by_segment else None
     self.decode = jax.jit(decode, static_argnums=8)
 
   def compilations(self) -> dict[str, int]:
@@ -200,8 +220,12 @@ class Decoder:
     rest_BS = np.stack([padded[b, full_B[b] * S:(full_B[b] + 1) * S] for b in range(B)])
     cache = self.start(params, memory, B)
     if rest_B.any():
-      out, cache = self.extend(params, memory, cache, rest_BS, jnp.zeros((B,), jnp.int32))
-      last = out[jnp.arange(B), jnp.asarray(np.maximum(rest_B - 1, 0))]
+      last_B = jnp.asarray(np.maximum(rest_B - 1, 0))
+      if self.rerun is not None:
+        last = self.rerun(params, memory, rest_BS, last_B)
+      else:
+        out, cache = self.extend(params, memory, cache, rest_BS, jnp.zeros((B,), jnp.int32))
+        last = out[jnp.arange(B), last_B]
       logits = jnp.where(jnp.asarray(rest_B > 0)[:, None], last, logits)
     return DecodeState(memory, cache, jnp.asarray(rest_B, jnp.int32), jnp.asarray(rest_BS), logits)
 

@@ -109,3 +109,4 @@ from lm2_jax.model.memory import hierarchical  # noqa: E402,F401  (registers 'hi
 from lm2_jax.model.memory import rmt  # noqa: E402,F401  (registers 'rmt')
 from lm2_jax.model.memory import memoryllm  # noqa: E402,F401  (registers 'memoryllm' and 'mplus')
 from lm2_jax.model.memory import armt  # noqa: E402,F401  (registers 'armt')
+from lm2_jax.model.memory import titans  # noqa: E402,F401  (registers 'titans')

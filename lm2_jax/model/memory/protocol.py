@@ -130,6 +130,8 @@ class LayerMemory(nn.Module):
   # ordinary pass, the decoder layer runs once more on the segment with `update_prefix` as the extra keys and
   # hands its output to `self_update`, which writes the state that `__call__` returned (not in cached decoding).
   self_updates = False
+  residual_before_attention = False  # the residual enters the stream before the layer's attention, which reads it
+  decode_by_segment = False  # cached decoding runs the segment so far per token (reads depend on its earlier tokens)
 
   def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
     """-> (MemoryOut, new_state): the tokens of `read_BL` read `state`, those of `write_BL` are written into it,
