@@ -187,7 +187,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
 
   m.memory = ml_collections.ConfigDict()
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder)
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder) | hmt
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -203,4 +203,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.balance_loss_weight = 0.01
   m.memory.product_keys = False  # route with product keys (num_banks a square): O(sqrt(num_banks)) per token
   m.memory.capacity_factor = 2.0  # per-bank token capacity per segment, in multiples of the even share
+  # hmt (lm2_jax/model/memory/hmt.py): sensory tokens, a summary pass, recall over a cache of memory embeddings
+  m.memory.sensory_tokens = 32   # k, last tokens of the previous segment read before the segment
+  m.memory.summary_tokens = 128  # j, tail of a segment the summary token reads (the recall query)
+  m.memory.cache_size = 16       # N, cached memory embeddings
+  m.memory.eviction = "fifo"     # fifo | learned (a scorer trained to predict recall attention)
+  m.memory.eviction_loss_weight = 1.0
   return m

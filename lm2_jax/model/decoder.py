@@ -21,7 +21,7 @@ from the tokens of the segment's last document only, starting from a fresh memor
 A memory kind sits in layers or around the layer stack (DESIGN section 4, lm2_jax.model.memory.protocol). A
 layer kind is called in each of its layers, `out, new_state = memory(state, h_BLD, docs)`, beside self-attention:
 its residual is added to the stream and its extra keys/values are attended to. A segment kind (`rmt`: memory
-tokens) runs the layers itself: `y, new_state, stats = memory(state, x_BLD, docs, run_layers)`. The document
+tokens) runs the layers itself: `y, new_state, stats, losses = memory(state, x_BLD, docs, run_layers)`. The document
 rules are shared (`Documents`); a segment kind applies them to its own tokens.
 
 Cached decoding (`cache=` in `__call__`, `init_cache`, `extend`): the keys/values of the current segment are kept
@@ -204,8 +204,7 @@ class SegmentDecoder(nn.Module):
     cos, sin = rope_tables(c, positions(c, x_BLD.shape[1]))
     if segment_kind is not None:
       run = lambda x_BXD, docs: self._layers(x_BXD, {}, LayerContext(cos, sin, docs))[0]
-      y_BLD, new_memory, stats = segment_kind(memory, x_BLD, docs, run)
-      losses = {}
+      y_BLD, new_memory, stats, losses = segment_kind(memory, x_BLD, docs, run)
     elif kind is not None and not memory_lib.stacked(c.memory):  # shared across layers: all read what entered
       fresh = kind.init_state(c.memory, x_BLD.shape[0])
       running = memory if docs is None else select_rows(docs.reset_B, fresh, memory)  # written layer by layer

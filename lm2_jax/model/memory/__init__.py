@@ -11,7 +11,7 @@ and the call of its placement (lm2_jax.model.memory.protocol, DESIGN section 4):
 
   layer    out, new_state = memory(state, h_BLD, docs): `out.residual_BLD`, `out.kv`, `out.stats`,
            `out.losses`; kinds subclass `LayerMemory` (document rules shared) and define `step`
-  segment  y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers); `prefix(state)` (what stands
+  segment  y_BLD, new_state, stats, losses = memory(state, x_BLD, docs, run_layers); `prefix(state)` (what stands
            before the segment's tokens in cached decoding) and static `positions(mcfg, L)`: the rotary
            positions of the sequence the layers process; its config's `layers` is ()
 
@@ -96,3 +96,4 @@ def placement(mcfg) -> str | None:
 from lm2_jax.model.memory import lm2  # noqa: E402,F401  (registers 'lm2')
 from lm2_jax.model.memory import hierarchical  # noqa: E402,F401  (registers 'hierarchical')
 from lm2_jax.model.memory import rmt  # noqa: E402,F401  (registers 'rmt')
+from lm2_jax.model.memory import hmt  # noqa: E402,F401  (registers 'hmt')

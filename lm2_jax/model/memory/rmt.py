@@ -66,7 +66,7 @@ class RMTMemoryConfig:
 
 @register("rmt")
 class RMTMemory(nn.Module):
-  """Segment memory: `__call__(state, x_BLD, docs, run_layers) -> (y_BLD, new_state, stats)` runs the layers on
+  """Segment memory: `__call__(state, x_BLD, docs, run_layers) -> (y_BLD, new_state, stats, losses)` runs the layers on
   `wrap`'s [read ; segment ; write] and takes the new state from `unwrap`; cached decoding puts `prefix` (the read
   tokens) before the segment."""
   cfg: ModelConfig
@@ -119,7 +119,7 @@ class RMTMemory(nn.Module):
       ids_BX = self.extended_ids(self.cfg.memory, docs.ids_BL)
       docs = Documents.make(ids_BX, ids_BX[:, 0])  # the layers read the ids only: no layer memory here
     y_BLD, new_state = self.unwrap(run_layers(self.wrap(read, write, x_BLD), docs))
-    return y_BLD, new_state, {}
+    return y_BLD, new_state, {}, {}
 
   def prefix(self, state):
     """x_BMD: what stands before a segment's tokens (positions 0..M-1): the read tokens P + S."""
