@@ -36,6 +36,7 @@ _CACHE = flags.DEFINE_integer("cache_size", 2, "Cached memory embeddings N.")
 _EVAL = flags.DEFINE_integer("eval_rows", 512, "Evaluation rows per gap.")
 _ARMS = flags.DEFINE_list("arms", ["fifo", "learned"], "Eviction rules to train.")
 _PAIRS = flags.DEFINE_integer("pairs", 1, "Key-value pairs in the needle (the query asks one of them).")
+_FORMAT = flags.DEFINE_enum("format", "value", ["value", "pairs"], "Needle: one value repeated, or key-value pairs.")
 _OUT = flags.DEFINE_string("out", "benchmarks/hmt_eviction.json", "Where the results go (JSON).")
 
 SEG, SEGMENTS, MAX_GAP = 16, 6, 4
@@ -62,9 +63,13 @@ def make_batch(rng: np.random.Generator, rows: int, gaps=None):
   r = np.arange(rows)
   needle = (SEGMENTS - 2 - gap) * SEG
   tokens[r, needle] = MARK
-  for i in range(P):
-    tokens[r, needle + 1 + 2 * i] = keys[:, i]
-    tokens[r, needle + 2 + 2 * i] = values[:, i]
+  if _FORMAT.value == "pairs":
+    for i in range(P):
+      tokens[r, needle + 1 + 2 * i] = keys[:, i]
+      tokens[r, needle + 2 + 2 * i] = values[:, i]
+  else:  # "value": the needle is the value repeated; the query asks for it (keys unused)
+    keys[r, ask] = QUERY
+    tokens[r[:, None], needle[:, None] + 1 + np.arange(SEG - 1)] = values[r, ask][:, None]
   q = (SEGMENTS - 1) * SEG
   tokens[:, q] = QUERY
   tokens[:, q + 1] = keys[r, ask]

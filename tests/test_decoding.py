@@ -20,8 +20,9 @@ LENGTHS = (5, 8, 13, 3, 16)
 
 
 @pytest.mark.parametrize("kind,fields", [("none", {}), ("lm2", {}), ("lm2", {"memory_share_across_layers": True}),
-                                         ("hierarchical", {}), ("rmt", {})],
-                         ids=["none", "lm2", "lm2_shared", "hierarchical", "rmt"])
+                                         ("hierarchical", {}), ("rmt", {}), ("hmt", {}),
+                                         ("hmt", {"memory_eviction": "learned"})],
+                         ids=["none", "lm2", "lm2_shared", "hierarchical", "rmt", "hmt", "hmt_learned"])
 def test_cached_decoding_equals_recomputing_everything_and_a_batch_equals_each_alone(kind, fields):
   model, params = build(tiny_config(kind, **fields))
   rng = np.random.default_rng(0)

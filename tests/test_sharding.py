@@ -16,7 +16,7 @@ def test_mesh_sizes():
     make_mesh({"data": 3, "fsdp": 1, "tensor": 1})
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "hmt"])
 def test_sharded_forward_and_grad_match_one_device(kind):
   assert len(jax.devices()) == 8
   model, params = build(tiny_config(kind))
