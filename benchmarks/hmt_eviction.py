@@ -29,18 +29,21 @@ from lm2_jax.model import LM2Model, init_params
 from lm2_jax.model.config import default_model_config
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model init and data).")
-_STEPS = flags.DEFINE_integer("steps", 1200, "Training steps per arm and seed.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Training steps per arm and seed.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Rows per step.")
-_LR = flags.DEFINE_float("lr", 3e-3, "Adam learning rate.")
+_LR = flags.DEFINE_float("lr", 5e-3, "Adam learning rate.")
 _CACHE = flags.DEFINE_integer("cache_size", 2, "Cached memory embeddings N.")
 _EVAL = flags.DEFINE_integer("eval_rows", 512, "Evaluation rows per gap.")
 _ARMS = flags.DEFINE_list("arms", ["fifo", "learned"], "Eviction rules to train.")
 _PAIRS = flags.DEFINE_integer("pairs", 1, "Key-value pairs in the needle (the query asks one of them).")
 _FORMAT = flags.DEFINE_enum("format", "value", ["value", "pairs"], "Needle: one value repeated, or key-value pairs.")
+_SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments per row (the needle is 0 .. segments - 2 before the query).")
+_DISTRACTORS = flags.DEFINE_enum("distractors", "values", ["values", "filler"],
+                                 "Other segments: [other-marker, a random value repeated] (interference) or filler.")
 _OUT = flags.DEFINE_string("out", "benchmarks/hmt_eviction.json", "Where the results go (JSON).")
 
-SEG, SEGMENTS, MAX_GAP = 16, 6, 4
-MARK, QUERY, KEYS, VALUES, FILLER, VOCAB = 1, 2, (8, 24), (24, 40), (40, 64), 64
+SEG = 16
+MARK, QUERY, OTHER, KEYS, VALUES, FILLER, VOCAB = 1, 2, 3, (8, 24), (24, 40), (40, 64), 64
 
 
 def model_config(eviction: str):
@@ -53,8 +56,12 @@ def model_config(eviction: str):
 
 def make_batch(rng: np.random.Generator, rows: int, gaps=None):
   """-> tokens [rows, S * SEG], answer position [rows] (the query key's position), answer [rows], gap [rows]."""
+  SEGMENTS, MAX_GAP = _SEGMENTS.value, _SEGMENTS.value - 2
   T = SEGMENTS * SEG
   tokens = rng.integers(*FILLER, size=(rows, T))
+  if _DISTRACTORS.value == "values":
+    tokens = np.repeat(rng.integers(*VALUES, size=(rows, SEGMENTS)), SEG, axis=1)
+    tokens[:, ::SEG] = OTHER
   gap = rng.integers(0, MAX_GAP + 1, size=rows) if gaps is None else np.asarray(gaps)
   P = _PAIRS.value
   keys = np.stack([rng.choice(np.arange(*KEYS), P, replace=False) for _ in range(rows)])
@@ -112,6 +119,7 @@ def run_arm(eviction: str, seed: int) -> dict:
       log.append((i, float(ce), {k: float(v) for k, v in losses.items()}))
       print(f"{eviction} seed {seed} step {i} ce {float(ce):.3f} {log[-1][2]} ({time.time() - t0:.0f} s)", flush=True)
   eval_rng = np.random.default_rng(1000 + seed)
+  MAX_GAP = _SEGMENTS.value - 2
   acc, kept = {}, {}
   for gap in range(MAX_GAP + 1):
     tokens, pos, answer, _ = make_batch(eval_rng, _EVAL.value, gaps=[gap] * _EVAL.value)

@@ -3,6 +3,9 @@ eviction loss), the eviction rule against a brute-force cache, statistics, what 
 config errors. Causality, documents, truncated BPTT, decoding, sessions, the mesh and hf_llama.load are in the
 kind-parametrized tests."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +15,6 @@ from helpers import build, random_tokens, tiny_config
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
 from lm2_jax.model.memory.hmt import HMTMemory, eviction_slot, insert
-from lm2_jax.model.memory.protocol import Documents
 
 K, J, N, L, D = 2, 3, 3, 8, 32  # sensory, summary tokens, cache size, segment_len, d_model (tiny_config)
 
@@ -57,7 +59,7 @@ def test_one_segment_matches_numpy(rule):
     return jnp.tanh(x_BXD @ R)
 
   mod = HMTMemory(cfg)
-  params = mod.init(jax.random.key(1), state, x, None, run_layers)["params"]
+  params = nn.unbox(mod.init(jax.random.key(1), state, x, None, run_layers)["params"])
   params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)  # not the init
   y, new, stats, losses = mod.apply({"params": params}, state, x, None, run_layers)
   p = jax.tree.map(np.asarray, params)
@@ -125,39 +127,48 @@ def test_eviction_rule_matches_a_brute_force_cache(rule):
       assert got == set(kept[b]), (t, b)
 
 
-def test_statistics_count_evictions_and_ages():
-  """From a fresh state, S segments into a cache of N evict S - N embeddings in all; FIFO ages end as 0..N-1."""
-  model, params = build(tiny_config("hmt", memory_cache_size=N))
+@functools.lru_cache(maxsize=None)
+def _model(eviction="fifo"):
+  """(model, params, jit (params, tokens, document ids) -> model.apply's outputs): one compilation per rule."""
+  model, params = build(tiny_config("hmt", memory_cache_size=N, memory_eviction=eviction, bptt_segments=0))
+  return model, params, jax.jit(lambda p, toks, ids: model.apply({"params": p}, toks, segment_ids=ids))
+
+
+def test_statistics_count_evictions_and_ages_and_a_new_document_starts_a_fresh_cache():
+  """From a fresh state, S segments into a cache of N evict S - N embeddings in all; FIFO ages end as 0..N-1. A
+  document that starts at the last segment boundary writes into a fresh cache: one valid embedding after it."""
+  _, params, f = _model()
   S = 5
-  _, mem, aux = model.apply({"params": params}, random_tokens(0, (2, S * L)))
+  tokens = random_tokens(0, (2, S * L))
+  _, mem, aux = f(params, tokens, jnp.ones((2, S * L), jnp.int32))
   np.testing.assert_allclose(np.asarray(aux["memory_stats"]["evicted"]).sum(-1) * S, S - N, atol=1e-5)
   np.testing.assert_array_equal(np.sort(np.asarray(mem["age"]), axis=-1), np.tile(np.arange(N), (2, 1)))
   np.testing.assert_array_equal(mem["valid"], 1)
   np.testing.assert_allclose(np.asarray(aux["memory_stats"]["recall"]).sum(-1), 1.0, atol=1e-5)
+  _, mem, _ = f(params, tokens, jnp.where(jnp.arange(S * L) < (S - 1) * L, 1, 2)[None].repeat(2, 0))
+  np.testing.assert_array_equal(np.asarray(mem["valid"]).sum(-1), 1)
 
 
 def test_eviction_loss_trains_the_scorer_only():
-  model, params = build(tiny_config("hmt", memory_eviction="learned", bptt_segments=0))
+  model, params, _ = _model("learned")
   tokens = random_tokens(0, (2, 4 * L))
-  grads = jax.grad(lambda p: model.apply({"params": p}, tokens)[2]["losses"]["eviction"])(params)
-  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+  w = jax.random.normal(jax.random.key(1), (2, 4 * L, 64))
+
+  @jax.jit
+  def grads(p):
+    evict = jax.grad(lambda p: model.apply({"params": p}, tokens)[2]["losses"]["eviction"])(p)
+    lm = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(p)
+    return evict, lm
+
+  evict, lm = grads(params)
+  for path, g in jax.tree_util.tree_flatten_with_path(evict)[0]:
     name = jax.tree_util.keystr(path)
     assert (np.abs(np.asarray(g)).max() > 0) == ("scorer" in name), name
-  # and the language-model loss does reach the recall projections and the memory parameters
-  w = jax.random.normal(jax.random.key(1), (2, 4 * L, 64))
-  g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)["decoder"]["memory"]
+  # and the language-model loss reaches the recall projections and the memory parameters, not the scorer
+  g = lm["decoder"]["memory"]
   for name in ("initial", "summary", "recall_q", "recall_k", "write_norm", "summary_norm"):
     assert max(np.abs(np.asarray(a)).max() for a in jax.tree.leaves(g[name])) > 0, name
   assert not np.asarray(g["scorer"]["kernel"]).any()
-
-
-def test_documents_reset_the_cache_for_a_new_document():
-  """A document that starts at a segment boundary writes into a fresh cache: one valid embedding after it."""
-  model, params = build(tiny_config("hmt"))
-  ids = jnp.where(jnp.arange(4 * L) < 3 * L, 1, 2)[None].repeat(2, 0)
-  _, mem, _ = model.apply({"params": params}, random_tokens(0, (2, 4 * L)), segment_ids=ids)
-  np.testing.assert_array_equal(np.asarray(mem["valid"]).sum(-1), 1)
-  assert isinstance(Documents.make(ids, ids[:, 0]), Documents)
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -172,9 +183,11 @@ def test_bad_config_is_named(fields, match):
 
 
 def test_tokens_that_do_not_fit_a_segment_and_a_state_of_another_cache_size_are_refused():
+  tokens = random_tokens(0, (2, L))
+  wide = LM2Model(tiny_config("hmt", memory_sensory_tokens=9))
   with pytest.raises(ConfigError, match=r"model.memory.sensory_tokens=9: must be at most segment_len=8"):
-    build(tiny_config("hmt", memory_sensory_tokens=9))
-  model, params = build(tiny_config("hmt", memory_cache_size=N))
+    jax.eval_shape(lambda: wide.init(jax.random.key(0), tokens))
+  model, params, _ = _model()
   other = LM2Model(tiny_config("hmt", memory_cache_size=N + 1)).init_memory(2)
   with pytest.raises(ConfigError, match="init_memory"):
-    model.apply({"params": params}, random_tokens(0, (2, L)), other)
+    jax.eval_shape(lambda: model.apply({"params": params}, tokens, other))
