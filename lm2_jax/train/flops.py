@@ -7,7 +7,7 @@ recomputation under remat, duplicated work and padding are not model FLOPs and a
 
 Letters: D d_model, H heads, K kv heads, E = D / H, F d_ff, V vocab, n layers, L tokens per segment (the whole
 input when it is one segment), X positions the layers process per segment (L, or L + 2M for `rmt`'s M memory
-tokens on each side), S slot_dim, R memory heads. Forward FLOPs per token:
+tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Forward FLOPs per token:
 
     layers      n * X/L * (2 D E (2H + 2K)                q, k, v, o projections
                            + 4 X D                         scores and values over all X keys (dense attention
@@ -28,6 +28,9 @@ tokens on each side), S slot_dim, R memory heads. Forward FLOPs per token:
                                                            2 x 2 sqrt(K) S + 2 K (the balance loss's routing
                                                            probabilities, read only)
     rmt         the layers' X = L + 2M (above); nothing else
+    hmt         the layers' X = L + k + j + 3 (k sensory, j summary tokens; above), plus per segment (/ L) for a
+                cache of N: 2 D^2 (N + 1) (recall query and keys) + 4 N D (scores, mix) + 4 N D with learned
+                eviction (the scorer before eviction and in its loss)
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
 `config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
@@ -55,7 +58,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   d, h, kv, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   length = min(seq_len, cfg.segment_len)
   m = cfg.memory
-  x = length + 2 * m.num_slots if m.kind == "rmt" else length
+  x = {"rmt": lambda: length + 2 * m.num_slots, "hmt": lambda: length + m.sensory_tokens + m.summary_tokens + 3}.get(
+      m.kind, lambda: length)()
   per_position = 2 * d * e * (2 * h + 2 * kv) + 4 * x * h * e + 6 * d * cfg.d_ff
   parts = {"layers": cfg.num_layers * x / length * per_position, "logits": 2.0 * d * cfg.vocab_size,
            "memory": 0.0}
@@ -67,6 +71,9 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     balance = 2 * m.num_banks if m.product_keys else 0  # the product of the halves' probabilities, read only
     deep = 10 * d * s + 4 * d + 4 * k * m.bank_slots * s + 2 * k * s + 2 * routing + balance
     parts["memory"] = len(m.layers) * (_lm2_memory(d, s, m.general_slots, length) + deep)
+  elif m.kind == "hmt":
+    n = m.cache_size
+    parts["memory"] = (2 * d * d * (n + 1) + 4 * n * d + (4 * n * d if m.eviction == "learned" else 0)) / length
   elif m.kind not in ("none", "rmt"):
     raise NotImplementedError(f"config.model.memory.kind={m.kind!r}: no FLOP count for this kind yet; add its "
                               "formula to lm2_jax/train/flops.py")
