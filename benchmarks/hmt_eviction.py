@@ -1,18 +1,23 @@
 r"""HMT retention: learned eviction against FIFO when the needed segment is older than the cache.
 
-  python -m benchmarks.hmt_eviction [--seeds=0,1 --steps=1200 --pairs=1 --cache_size=2 --out=benchmarks/hmt_eviction.json]
+  python -m benchmarks.hmt_eviction [--seeds=0,1 --steps=400 --lr=5e-3 --segments=8 --distractors=values
+                                     --format=value --cache_size=2 --out=benchmarks/hmt_eviction.json]
 
-The task (generated; tokens: 0 filler-free pad, 1 marker, 2 query, keys 8..23, values 24..39, filler 40..63): rows
-of S = 6 segments of 16 tokens. One segment is the needle: [marker, k1, v1, ..., filler...] (`pairs` key-value
-pairs, distinct keys; default 1); the last segment asks [query, k_i] and the next token must be v_i; every other
-segment is random filler. The needle stands G segments before the query segment (G = 0: just before it), G drawn uniformly from
-0..4 in training. With a cache of N = 2 memory embeddings, FIFO holds only the last two segments' embeddings when
-the query segment's memory is recalled, so for G >= 2 the needle's embedding has left the cache (the information
-can still travel down the chain of memory tokens: each segment's memory token starts from what it recalled).
+The task (generated; tokens: 1 needle marker, 2 query, 3 other-segment marker, keys 8..23, values 24..39, filler
+40..63): rows of `segments` segments of 16 tokens. One segment is the needle, [marker, v, v, ..., v] (`--format=
+value`; `pairs`: [marker, k1, v1, ..., filler] with `pairs` key-value pairs); the last segment asks [query, query]
+(`pairs`: [query, k_i]) and the next token must be v (v_i). With `--distractors=values` every other segment is
+[other-marker, u, u, ..., u] with its own random value u (interference: a memory that keeps the latest segment
+keeps the wrong value); with `filler` they are random filler tokens. The needle stands G segments before the query
+segment (G = 0: just before it), G uniform in 0 .. segments - 2 in training. With a cache of N = 2 memory
+embeddings, FIFO holds only the last two segments' embeddings when the query segment's memory is recalled, so for
+G >= 2 the needle's embedding has left the cache (the information can still travel down the chain of memory
+tokens: each segment's memory token starts from what it recalled).
 
-Both arms train the same model (2 layers, d_model 64, sensory 4, summary 8 tokens) with the same data and seeds
-on the answer token's cross-entropy (plus the learned arm's eviction loss, which trains only its scorer); only
-`memory.eviction` differs. Accuracy: argmax at the answer position over 512 fresh rows per G.
+Both arms train the same model (2 layers, d_model 64, sensory 4, summary 8 tokens, gradients through all
+segments) with the same data and seeds on the answer token's cross-entropy (plus the learned arm's eviction loss,
+which trains only its scorer); only `memory.eviction` differs. Accuracy: argmax at the answer position over 512
+fresh rows per G; `accuracy_older_than_cache` averages G = N .. segments - 2. Chance is 1/16.
 """
 
 import json
