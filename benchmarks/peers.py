@@ -12,12 +12,13 @@ batch x seq_len for every entry.
 
 Entries (default shape: batch 4 x 512 tokens, width 256, 4 layers, 4 heads of 64, 128-token segments, vocab 1024,
 float32, 16 memory slots or tokens, feed-forward width 682 = the peers' GEGLU width at ff_mult 4):
-  ours/none, ours/lm2, ours/rmt, ours/armt, ours/hierarchical, ours/titans
+  ours/none, ours/lm2, ours/rmt, ours/armt, ours/hierarchical, ours/titans, ours/hmt
       lm2_jax.train.trainer's jit train step (the one `launch.train` runs), memory `kind` from configs/defaults.py
       with the shape above; `hierarchical` keeps its default banks (32 general slots + 64 banks of 32, top 2);
       `armt` is rmt's 16 tokens plus an associative matrix in every layer (key_dim 32: 192 features).
       `titans` is MAC in every layer with the config's defaults (memory MLP depth 2, expansion 2, 4 persistent
       tokens), --heads memory heads and chunks of --titans_chunk tokens.
+      `hmt` its defaults (32 sensory tokens, 128 summary tokens, a cache of 16, FIFO).
       Gradients flow through all segments (bptt_segments=0), as in both peers.
   rmt-pytorch       RecurrentMemoryTransformerWrapper(RecurrentMemoryTransformer(...)) at the same shape, the
                     library's defaults otherwise; loss = wrapper(x, return_loss=True).
@@ -46,7 +47,7 @@ from absl import app, flags
 
 from launch import compile_cache
 
-OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/armt", "ours/hierarchical", "ours/titans")
+OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/armt", "ours/hierarchical", "ours/titans", "ours/hmt")
 PEERS = ("rmt-pytorch", "titans-pytorch")
 LAYER_PAIR = ("ours/lm2-layer", "lm2-official/layer")
 PEERS_HINT = "pip install -e '.[peers]'"

@@ -20,6 +20,7 @@ def tiny_config(kind="lm2", **overrides):
   m.memory.num_heads = 2
   m.memory.update(dict(general_slots=4, num_banks=6, bank_slots=4, top_k=2, write_tokens=3))  # hierarchical
   m.memory.chunk_size = 4  # titans: two memory updates per segment
+  m.memory.update(dict(sensory_tokens=2, summary_tokens=3, cache_size=2))  # hmt
   for k, v in overrides.items():
     if k.startswith("memory_"):
       m.memory[k[len("memory_"):]] = v

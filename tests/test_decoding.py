@@ -22,9 +22,10 @@ LENGTHS = (5, 8, 13, 3, 16)
 @pytest.mark.parametrize("kind,fields", [("none", {}), ("lm2", {}), ("lm2", {"memory_share_across_layers": True}),
                                          ("hierarchical", {}), ("rmt", {}), ("armt", {}), ("memoryllm", {}),
                                          ("mplus", {"memory_num_slots": 4, "memory_ltm_capacity": 6}), ("titans", {}),
-                                         ("titans", {"memory_variant": "mal"})],
+                                         ("titans", {"memory_variant": "mal"}),
+                                         ("hmt", {}), ("hmt", {"memory_eviction": "learned"})],
                          ids=["none", "lm2", "lm2_shared", "hierarchical", "rmt", "armt", "memoryllm", "mplus", "titans",
-                              "titans_mal"])
+                              "titans_mal", "hmt", "hmt_learned"])
 def test_cached_decoding_equals_recomputing_everything_and_a_batch_equals_each_alone(kind, fields):
   model, params = build(tiny_config(kind, **fields))
   rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@
    O(D^2 + X D + D V): 1.0-1.5% at these sizes; 3% is the bound asserted.
 2. A brute-force count of the matmuls in the traced program (every dot_general in the jaxpr, 2 x output size x
    contracted size, times the trip count of each enclosing scan), on rows of several segments with scanned
-   layers: exactly the formula for `none`, `rmt` and `armt`; for `lm2` the traced program also projects the slot keys a
+   layers: exactly the formula for `none`, `rmt`, `armt` and `hmt`; for `lm2` the traced program also projects the slot keys a
    second time in the write (XLA merges the two), 2 N S^2 / L per memory layer more than the formula.
 """
 
@@ -25,6 +25,8 @@ from lm2_jax.train import trainer
 from lm2_jax.train.flops import forward_flops_per_token, train_flops_per_token
 
 HIERARCHICAL = dict(general_slots=8, num_banks=4, bank_slots=8, top_k=2, write_tokens=4, capacity_factor=1.0)
+HMT = dict(sensory_tokens=4, summary_tokens=8, cache_size=3, eviction="fifo")
+HMT_LEARNED = {**HMT, "eviction": "learned"}
 
 
 def _config(kind, segment_len, scan_layers, **memory):
@@ -70,10 +72,11 @@ def test_formula_matches_xla_cost_analysis(kind, memory):
   assert formula <= xla <= 1.03 * formula, (formula, xla)
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "rmt", "armt"])
-def test_formula_matches_matmuls_of_traced_program(kind):
+@pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("rmt", {}), ("armt", {}), ("hmt", HMT),
+                                         ("hmt", HMT_LEARNED)])
+def test_formula_matches_matmuls_of_traced_program(kind, memory):
   batch, length, segment = 2, 96, 32
-  model, forward, params = _forward(_config(kind, segment, True), batch, length)
+  model, forward, params = _forward(_config(kind, segment, True, **memory), batch, length)
   traced = _matmul_flops(jax.make_jaxpr(forward)(params).jaxpr) / (batch * length)
   cfg = model.config
   second_key_projection = 2 * 8 * 128 ** 2 / segment * cfg.num_layers if kind == "lm2" else 0

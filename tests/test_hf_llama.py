@@ -109,17 +109,17 @@ def test_load_into_memory_model_keeps_llama_and_fresh_memory(tmp_path, kind):
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(hf, tokens), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["rmt", "armt"])
-def test_load_into_rmt_model_keeps_llama_and_fresh_memory(tmp_path, kind):
-  """rmt's parameters sit at decoder/memory (model-level), armt's also in every layer; they are a fresh
-  initialisation, the rest is Llama."""
+@pytest.mark.parametrize("kind", ["rmt", "armt", "hmt"])
+@pytest.mark.parametrize("kind", ["rmt", "hmt"])
+def test_load_into_segment_kind_model_keeps_llama_and_fresh_memory(tmp_path, kind):
+  """Segment kinds' parameters sit at decoder/memory (model-level); they are a fresh initialisation, the rest is
+  Llama."""
   hf = _hf_model("gqa")
   hf.save_pretrained(tmp_path, safe_serialization=True)
-  rmt = default_model_config()
-  rmt.segment_len = 16
-  rmt.memory.kind = kind
-  rmt.memory.num_slots = 4
-  config, params = hf_llama.load(str(tmp_path), rmt, rng=jax.random.key(3))
+  ours = default_model_config()
+  ours.segment_len = 16
+  ours.memory.update(dict(kind=kind, num_slots=4, sensory_tokens=4, summary_tokens=8, cache_size=3))
+  config, params = hf_llama.load(str(tmp_path), ours, rng=jax.random.key(3))
   fresh = init_params(LM2Model(config), jax.random.key(3))
   chex.assert_trees_all_equal(params["decoder"]["memory"], fresh["decoder"]["memory"])
   if kind == "armt":

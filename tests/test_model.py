@@ -12,7 +12,7 @@ from lm2_jax.model import LM2Model, count_params, scan_layout, unscan_layout
 SEG = 8  # tiny_config's segment_len
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "memoryllm", "mplus", "armt", "titans"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "memoryllm", "mplus", "armt", "titans", "hmt"])
 def test_causal(kind):
   """Changing token t (in the first segment, at a segment boundary, in a later segment) changes nothing before t."""
   model, params = build(tiny_config(kind))
@@ -30,6 +30,7 @@ def test_memory_carries_information_across_segments():
   changed = tokens.at[:, :SEG].set(random_tokens(1, (2, SEG)))
   for kind, expect_change in [("lm2", True), ("hierarchical", True), ("rmt", True), ("armt", True),
                               ("memoryllm", True), ("titans", True), ("none", False)]:
+  for kind, expect_change in [("lm2", True), ("hierarchical", True), ("rmt", True), ("hmt", True), ("none", False)]:
     model, params = build(tiny_config(kind))
     f = logits_fn(model, params)
     diff = np.abs(np.asarray(f(tokens))[:, SEG:] - np.asarray(f(changed))[:, SEG:]).max()
@@ -71,7 +72,7 @@ def _segment_embedding_grads(kind, bptt):
   return [np.abs(g[16 * s:16 * (s + 1)]).max() for s in range(4)], model, params, tokens
 
 
-@pytest.mark.parametrize("kind", ["lm2", "rmt", "memoryllm", "mplus", "armt", "titans"])
+@pytest.mark.parametrize("kind", ["lm2", "rmt", "memoryllm", "mplus", "armt", "titans", "hmt"])
 def test_gradients_stop_beyond_bptt_segments(kind):
   # bptt_segments=2 cuts the memory entering segments 0 and 2: the loss of segment 3 reaches segment 2's tokens
   # through the memory, never segments 0 and 1 (though its value still depends on them).
@@ -148,7 +149,7 @@ def test_count_params_splits_memory():
   assert count_params(LM2Model(tiny_config("none")))["total"] == counts["decoder"]
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "memoryllm", "mplus", "armt", "titans"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "memoryllm", "mplus", "armt", "titans", "hmt"])
 def test_documents_do_not_see_each_other(kind):
   """Two documents packed in one row (the second starts mid-segment): changing either one leaves the other's
   logits exactly as they were, through attention and through the memory."""
@@ -167,7 +168,7 @@ def test_documents_do_not_see_each_other(kind):
                 - np.asarray(f(tokens, jnp.ones_like(ids)))[:, start:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "memoryllm", "mplus", "armt", "titans"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "memoryllm", "mplus", "armt", "titans", "hmt"])
 def test_document_starting_at_a_segment_is_computed_as_if_alone(kind):
   """A document that starts at a segment boundary reads a fresh memory, exactly as if the row held it alone;
   one-document rows give the logits of a call without segment_ids."""
@@ -190,7 +191,7 @@ def test_reset_memory_replaces_only_the_flagged_rows():
     np.testing.assert_array_equal(reset[name][:, 0::2], memory[name][:, 0::2])
 
 
-@pytest.mark.parametrize("kind", ["lm2", "rmt", "mplus", "armt", "titans"])
+@pytest.mark.parametrize("kind", ["lm2", "rmt", "mplus", "armt", "titans", "hmt"])
 def test_memory_passed_between_calls_continues_the_stream(kind):
   """Two calls that pass the memory on give the logits and the memory of one call over both inputs."""
   model, params = build(tiny_config(kind))

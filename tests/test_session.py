@@ -55,8 +55,8 @@ def test_session_saved_then_restored_in_a_fresh_process_answers_the_same(tmp_pat
   assert restored == {"answer": answer, "position": s.position, "history": 2}
 
 
-def test_segment_and_titans_sessions_restore_and_none_session_runs(tmp_path, tok):
-  for kind in ("rmt", "armt", "none", "titans"):
+def test_segment_kind_and_titans_sessions_restore_and_none_session_runs(tmp_path, tok):
+  for kind in ("rmt", "armt", "hmt", "none", "titans"):
     config = tiny_config(kind, vocab_size=768)
     _, params = build(config)
     s = Session(params, config, tok)

@@ -24,7 +24,7 @@ def test_mesh_sizes():
     make_mesh({"data": -1, "dcn_data": 3})  # 3 does not divide 8 devices
 
 
-@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "armt", "mplus", "titans"])
+@pytest.mark.parametrize("kind", ["none", "lm2", "hierarchical", "rmt", "armt", "mplus", "titans", "hmt"])
 def test_sharded_forward_and_grad_match_one_device(kind):
   assert len(jax.devices()) == 8
   model, params = build(tiny_config(kind))

@@ -188,6 +188,7 @@ def default_model_config() -> ml_collections.ConfigDict:
 
   m.memory = ml_collections.ConfigDict()
   m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | armt | memoryllm | mplus | titans (README: the kinds)
+  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder) | hmt
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
@@ -218,4 +219,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.memory.chunk_size = 32       # tokens per memory update; a token reads the chunks before its own
   m.memory.persistent_tokens = 4  # mac: learned keys/values every token attends to
   m.memory.max_update_norm = 1.0  # gradient norm per head and chunk is clipped to this
+  # hmt (lm2_jax/model/memory/hmt.py): sensory tokens, a summary pass, recall over a cache of memory embeddings
+  m.memory.sensory_tokens = 32   # k, last tokens of the previous segment read before the segment
+  m.memory.summary_tokens = 128  # j, tail of a segment the summary token reads (the recall query)
+  m.memory.cache_size = 16       # N, cached memory embeddings
+  m.memory.eviction = "fifo"     # fifo | learned (a scorer trained to predict recall attention)
+  m.memory.eviction_loss_weight = 1.0
   return m

@@ -22,7 +22,7 @@ A memory kind sits in layers or around the layer stack (DESIGN section 4, lm2_ja
 layer kind is called in each of its layers, `out, new_state = memory(state, h_BLD, docs)`, beside self-attention:
 its residual is added to the stream and its extra keys/values are attended to; a kind that writes from the layer's
 own output (memoryllm, `self_updates`) gets a second pass of the layer with its update prefix. A segment kind
-(`rmt`: memory tokens) runs the layers itself: `y, new_state, stats = memory(state, x_BLD, docs, run_layers)`;
+(`rmt`: memory tokens) runs the layers itself: `y, new_state, stats, losses = memory(state, x_BLD, docs, run_layers)`;
 one that also keeps a memory in layers (`armt`) passes its per-layer part to `run_layers`, and each of those
 layers adds what it reads to the layer's input and writes it from the layer's output. The document rules are
 shared (`Documents`); a segment kind applies them to its own tokens.
@@ -224,8 +224,7 @@ class SegmentDecoder(nn.Module):
     cos, sin = rope_tables(c, positions(c, x_BLD.shape[1]))
     if segment_kind is not None:
       run = lambda x_BXD, docs, states: self._layers(x_BXD, states, LayerContext(cos, sin, docs))[:2]
-      y_BLD, new_memory, stats = segment_kind(memory, x_BLD, docs, run)
-      losses = {}
+      y_BLD, new_memory, stats, losses = segment_kind(memory, x_BLD, docs, run)
     elif kind is not None and not memory_lib.stacked(c.memory):  # shared across layers: all read what entered
       fresh = kind.init_state(c.memory, x_BLD.shape[0])
       running = memory if docs is None else select_rows(docs.reset_B, fresh, memory)  # written layer by layer

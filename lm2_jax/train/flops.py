@@ -7,7 +7,7 @@ recomputation under remat, duplicated work and padding are not model FLOPs and a
 
 Letters: D d_model, H heads, K kv heads, E = D / H, F d_ff, V vocab, n layers, L tokens per segment (the whole
 input when it is one segment), X positions the layers process per segment (L, or L + 2M for `rmt`'s M memory
-tokens on each side), S slot_dim, R memory heads. Forward FLOPs per token:
+tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Forward FLOPs per token:
 
     layers      n * X/L * (2 D E (2H + 2K)                q, k, v, o projections
                            + 4 X D                         scores and values over all X keys (dense attention
@@ -32,6 +32,9 @@ tokens on each side), S slot_dim, R memory heads. Forward FLOPs per token:
                   X/L * (2 D K + 2 F D + 2 F)              every position's read: q, A^T phi(q), z . phi(q)
                   + M/L * (2 D K + 2 D^2 + 2 D + 4 F D + 4 F)   per segment, the M write tokens: k, v, beta,
                                                            the old value and its normaliser, A and z updates
+    hmt         the layers' X = L + k + j + 3 (k sensory, j summary tokens; above), plus per segment (/ L) for a
+                cache of N: 2 D^2 (N + 1) (recall query and keys) + 4 N D (scores, mix) + 4 N D with learned
+                eviction (the scorer before eviction and in its loss)
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
 `config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
@@ -53,13 +56,14 @@ def _lm2_memory(d: int, s: int, n: int, length: int) -> float:
   return 10 * d * s + 8 * n * s + 12 * n * s * s / length
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] | None:
   """Forward FLOPs per token by part ('layers', 'logits', 'memory') of a model reading rows of `seq_len`
-  tokens (module docstring)."""
+  tokens (module docstring); None for a memory kind without a formula yet."""
   d, h, kv, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   length = min(seq_len, cfg.segment_len)
   m = cfg.memory
-  x = length + 2 * m.num_slots if m.kind in ("rmt", "armt") else length
+  x = {"rmt": length + 2 * m.num_slots, "armt": length + 2 * m.num_slots,
+       "hmt": length + m.sensory_tokens + m.summary_tokens + 3}.get(m.kind, length)
   per_position = 2 * d * e * (2 * h + 2 * kv) + 4 * x * h * e + 6 * d * cfg.d_ff
   parts = {"layers": cfg.num_layers * x / length * per_position, "logits": 2.0 * d * cfg.vocab_size,
            "memory": 0.0}
@@ -76,15 +80,19 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     read = 2 * d * k + 2 * f * d + 2 * f
     write = 2 * d * k + 2 * d * d + 2 * d + 4 * f * d + 4 * f
     parts["memory"] = len(m.layers) * (x * read + M * write) / length
+  elif m.kind == "hmt":
+    n = m.cache_size
+    parts["memory"] = (2 * d * d * (n + 1) + 4 * n * d + (4 * n * d if m.eviction == "learned" else 0)) / length
   elif m.kind not in ("none", "rmt"):
-    raise NotImplementedError(f"config.model.memory.kind={m.kind!r}: no FLOP count for this kind yet; add its "
-                              "formula to lm2_jax/train/flops.py")
+    return None  # no formula yet (titans, memoryllm, mplus): the trainer then reports tokens/s without MFU
   return parts
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Model FLOPs of one training step per token: 3 x forward (forward + backward)."""
-  return 3 * sum(forward_flops_per_token(cfg, seq_len).values())
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float | None:
+  """Model FLOPs of one training step per token: 3 x forward (forward + backward); None for a memory kind without
+  a formula."""
+  parts = forward_flops_per_token(cfg, seq_len)
+  return None if parts is None else 3 * sum(parts.values())
 
 
 def measure_peak_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:

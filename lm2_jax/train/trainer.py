@@ -295,7 +295,8 @@ class Progress:
     done = step - self.start
     elapsed = time.perf_counter() - self.t0
     left = elapsed / max(done, 1) * (self.total - step)
-    speed = "" if tokens_per_s is None else f" {tokens_per_s:,.0f} tok/s, MFU {100 * mfu:.1f}%,"
+    speed = "" if tokens_per_s is None else f" {tokens_per_s:,.0f} tok/s,"
+    speed += "" if mfu is None else f" MFU {100 * mfu:.1f}%,"
     text = f"step {step}/{self.total} loss {loss:.4f}{speed} {left:.0f} s left"
     if self.tty:
       width = 30
@@ -341,9 +342,13 @@ def train(config, workdir: str, data=None) -> TrainState:
   nonfinite = guards.NonFiniteCheck(t.nonfinite, ckpt.latest_step)
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token = train_flops_per_token(setup.model.config, t.seq_len)
-  peak, peak_source = peak_flops(config)
-  print(f"model FLOPs per token (train step): {flops_per_token:.4g}; peak {peak:.4g} FLOP/s, {peak_source}",
-        flush=True)
+  if flops_per_token is None:
+    print(f"no FLOP formula for memory kind {config.model.memory.kind!r} (lm2_jax/train/flops.py): MFU not reported",
+          flush=True)
+  else:
+    peak, peak_source = peak_flops(config)
+    print(f"model FLOPs per token (train step): {flops_per_token:.4g}; peak {peak:.4g} FLOP/s, {peak_source}",
+          flush=True)
   step, last_t, last_step = start, time.perf_counter(), start
 
   def save():
@@ -368,7 +373,8 @@ def train(config, workdir: str, data=None) -> TrainState:
           now = time.perf_counter()
           if step > last_step:  # tokens/s and MFU of the steps since the last row (never of the compiling step)
             metrics["tokens_per_s"] = tokens_per_step * (step - last_step) / (now - last_t)
-            metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / peak
+            if flops_per_token is not None:
+              metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / peak
           last_t, last_step = now, step
           log.write(step, metrics)
           progress.update(step, float(metrics["loss"]), metrics.get("tokens_per_s"), metrics.get("mfu"))

@@ -11,7 +11,7 @@ and the call of its placement (lm2_jax.model.memory.protocol, DESIGN section 4):
 
   layer    out, new_state = memory(state, h_BLD, docs): `out.residual_BLD`, `out.kv`, `out.stats`,
            `out.losses`; kinds subclass `LayerMemory` (document rules shared) and define `step`
-  segment  y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers), where
+  segment  y_BLD, new_state, stats, losses = memory(state, x_BLD, docs, run_layers), where
            run_layers(x_BXD, docs_X, layer_states) -> (y_BXD, new layer_states); `prefix(state)` (what stands
            before the segment's tokens in cached decoding) and static `positions(mcfg, L)`: the rotary
            positions of the sequence the layers process. Its config's `layers` is () unless the kind also
@@ -110,3 +110,4 @@ from lm2_jax.model.memory import rmt  # noqa: E402,F401  (registers 'rmt')
 from lm2_jax.model.memory import memoryllm  # noqa: E402,F401  (registers 'memoryllm' and 'mplus')
 from lm2_jax.model.memory import armt  # noqa: E402,F401  (registers 'armt')
 from lm2_jax.model.memory import titans  # noqa: E402,F401  (registers 'titans')
+from lm2_jax.model.memory import hmt  # noqa: E402,F401  (registers 'hmt')

@@ -15,7 +15,7 @@ A kind implements `step(state, h_BLD, read_BL, write_BL) -> (out, new_state)`: t
 
 Segment memory (rmt, ...) wraps the layer stack for one segment:
 
-    y_BLD, new_state, stats = memory(state, x_BLD, docs, run_layers)
+    y_BLD, new_state, stats, losses = memory(state, x_BLD, docs, run_layers)
     # run_layers(x_BXD, docs_X, layer_states) -> (y_BXD, new layer_states)
 
 and for cached decoding says which tokens stand before the segment's own (`prefix`). `layer_states` is the part

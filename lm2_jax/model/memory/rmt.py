@@ -66,7 +66,7 @@ class RMTMemoryConfig:
 
 @register("rmt")
 class RMTMemory(nn.Module):
-  """Segment memory: `__call__(state, x_BLD, docs, run_layers) -> (y_BLD, new_state, stats)` runs the layers on
+  """Segment memory: `__call__(state, x_BLD, docs, run_layers) -> (y_BLD, new_state, stats, losses)` runs the layers on
   `wrap`'s [read ; segment ; write] and takes the new state from `unwrap`; cached decoding puts `prefix` (the read
   tokens) before the segment."""
   cfg: ModelConfig
@@ -121,7 +121,7 @@ class RMTMemory(nn.Module):
     x_BXD, docs_X = self.enter(state, x_BLD, docs)
     y_BXD, _ = run_layers(x_BXD, docs_X, {})
     y_BLD, new_state = self.unwrap(y_BXD)
-    return y_BLD, new_state, {}
+    return y_BLD, new_state, {}, {}
 
   def enter(self, state, x_BLD, docs: Documents | None):
     """-> (x_BXD = `wrap` of the read and write memories under the document rules, the documents of the X
