@@ -163,4 +163,4 @@ class ARMTMemory(RMTMemory):
     x_BXD, docs_X = self.enter(state, x_BLD, docs)
     y_BXD, new_layers = run_layers(x_BXD, docs_X, self.layer_states(state))
     y_BLD, new_state = self.unwrap(y_BXD)
-    return y_BLD, {**new_state, **{name: a.swapaxes(0, 1) for name, a in new_layers.items()}}, {}
+    return y_BLD, {**new_state, **{name: a.swapaxes(0, 1) for name, a in new_layers.items()}}, {}, {}

@@ -169,6 +169,12 @@ class HMTMemory(nn.Module):
     if m.eviction == "learned":
       self.scorer = dense(1, ("embed", None), "scorer", jnp.float32, use_bias=True)
 
+  @staticmethod
+  def layer_states(state) -> dict:
+    """No part of hmt's state lives in layers (`run_layers` threads none)."""
+    del state
+    return {}
+
   def prefix(self, state):
     """x_BPD: what stands before a segment's tokens: [sensory ; P + recalled]."""
     return jnp.concatenate([state["sensory"], self._memory_token(state)], axis=1)
@@ -205,7 +211,7 @@ class HMTMemory(nn.Module):
     x_BXD = jnp.concatenate([self.prefix(read).astype(dt), x_BLD, self._memory_token(write).astype(dt), summary_BjD,
                              jnp.broadcast_to(self.summary_D.astype(dt), (B, 1, x_BLD.shape[-1]))], axis=1)
     x_BXD = nn.with_logical_constraint(x_BXD, ("batch", "length", "embed"))
-    y_BXD = run_layers(x_BXD, Documents.make(ids_BX, ids_BX[:, 0]))  # the layers read the ids only
+    y_BXD, _ = run_layers(x_BXD, Documents.make(ids_BX, ids_BX[:, 0]), {})  # the layers read the ids only
     P = self.prefix_len(m)
     m_BD = self.write_norm(y_BXD[:, P + L])
     q_BD = self.summary_norm(y_BXD[:, -1])
