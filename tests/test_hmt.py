@@ -54,9 +54,9 @@ def test_one_segment_matches_numpy(rule):
   R = rng.normal(size=(D, D)).astype(np.float32) / np.sqrt(D)
   seen = {}
 
-  def run_layers(x_BXD, docs):
-    seen["x"], seen["ids"] = x_BXD, docs.ids_BL
-    return jnp.tanh(x_BXD @ R)
+  def run_layers(x_BXD, docs, layer_states):
+    seen["x"], seen["ids"], seen["layer_states"] = x_BXD, docs.ids_BL, layer_states
+    return jnp.tanh(x_BXD @ R), layer_states
 
   mod = HMTMemory(cfg)
   params = nn.unbox(mod.init(jax.random.key(1), state, x, None, run_layers)["params"])

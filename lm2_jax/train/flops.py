@@ -62,8 +62,11 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] 
   d, h, kv, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   length = min(seq_len, cfg.segment_len)
   m = cfg.memory
-  x = {"rmt": length + 2 * m.num_slots, "armt": length + 2 * m.num_slots,
-       "hmt": length + m.sensory_tokens + m.summary_tokens + 3}.get(m.kind, length)
+  x = length  # positions the layers process per segment
+  if m.kind in ("rmt", "armt"):
+    x += 2 * m.num_slots
+  elif m.kind == "hmt":
+    x += m.sensory_tokens + m.summary_tokens + 3
   per_position = 2 * d * e * (2 * h + 2 * kv) + 4 * x * h * e + 6 * d * cfg.d_ff
   parts = {"layers": cfg.num_layers * x / length * per_position, "logits": 2.0 * d * cfg.vocab_size,
            "memory": 0.0}
