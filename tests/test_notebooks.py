@@ -41,3 +41,9 @@ def test_hf_llama_notebook(tmp_path):
   nb = _run("hf_llama.ipynb", f"STEPS = 2\nWORKDIR = {str(tmp_path)!r}")
   assert "max |lm2-jax - transformers|" in _text(nb)
   assert os.path.exists(tmp_path / "export" / "params") and os.path.exists(tmp_path / "hf_with_memory" / "memory.safetensors")
+
+
+def test_sessions_notebook(tmp_path):
+  nb = _run("sessions.ipynb", f"STEPS = 3\nSLEEP_STEPS = 2\nWORKDIR = {str(tmp_path)!r}")
+  text = _text(nb)
+  assert "right after injecting" in text and "memory empty" in text and "kl_after" in text
