@@ -110,7 +110,6 @@ def test_load_into_memory_model_keeps_llama_and_fresh_memory(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["rmt", "armt", "hmt"])
-@pytest.mark.parametrize("kind", ["rmt", "hmt"])
 def test_load_into_segment_kind_model_keeps_llama_and_fresh_memory(tmp_path, kind):
   """Segment kinds' parameters sit at decoder/memory (model-level); they are a fresh initialisation, the rest is
   Llama."""
