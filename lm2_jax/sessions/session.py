@@ -118,19 +118,18 @@ class Session:
     self.position += len(ids)
     self.tokens += [int(i) for i in ids]
 
-  def _memory_params(self, layer: int):
-    params = unscan_layout(self.params, self.config) if self.config.scan_layers else self.params
-    return params["decoder"][f"layer_{layer}"]["memory"]
-
   def _spill(self) -> None:
     """mplus: the tokens that entered the device store since the last spill go to the host store."""
     if self.ltm is None:
       return
     mem = jax.tree.map(np.asarray, self.state.memory)
+    layers = None
     for j, layer in enumerate(self.config.memory.layers):
       new = (mem["store_filled"][j, 0] > 0) & (mem["store_time"][j, 0] > self._spilled[j])
       if new.any():  # keys of the whole device store: one compiled shape
-        keys = np.asarray(_retriever_keys(self.config, self._memory_params(layer), mem["store"][j]))[0]
+        if layers is None:  # the per-layer parameters, unscanned once per spill
+          layers = (unscan_layout(self.params, self.config) if self.config.scan_layers else self.params)["decoder"]
+        keys = np.asarray(_retriever_keys(self.config, layers[f"layer_{layer}"]["memory"], mem["store"][j]))[0]
         self.ltm.add(j, mem["store"][j, 0][new], keys[new], mem["store_age"][j, 0][new])
       self._spilled[j] = mem["clock"][j, 0]
 
