@@ -1,6 +1,8 @@
 """Small configs and utilities shared by the tests."""
 
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +35,26 @@ def build(config, seed=0):
   """The model and fresh parameters; armt's value projections, which start at zero (a fresh armt reads nothing
   from its associative memory), get random values, so that tests exercise that memory."""
   model = LM2Model(config)
+  return model, jax.tree.map(lambda a: a, _params(model.config, seed))  # fresh containers: tests may edit them
+
+
+@functools.lru_cache(maxsize=None)
+def _params(config, seed):
+  """Parameters of `build`, initialised once per (ModelConfig, seed) in a test process."""
+  model = LM2Model(config)
   params = init_params(model, jax.random.key(seed))
   if model.config.memory.kind == "armt":
     def values(path, a):
       return 0.5 * jax.random.normal(jax.random.key(seed + 1), a.shape) if "v_proj" in str(path) and "'memory'" in str(path) else a
     params = jax.tree_util.tree_map_with_path(values, params)
-  return model, params
+  return params
 
 
 def logits_fn(model, params):
-  """jit-compiled tokens -> logits, starting from a fresh memory."""
-  return jax.jit(lambda toks: model.apply({"params": params}, toks)[0])
+  """jit-compiled tokens -> logits, starting from a fresh memory (`forward`'s compilation, shared by the tests of
+  one config)."""
+  apply = forward(model.config)
+  return lambda toks: apply(params, toks)[0]
 
 
 def random_tokens(seed, shape, vocab=64):
@@ -52,10 +63,11 @@ def random_tokens(seed, shape, vocab=64):
 
 @functools.lru_cache(maxsize=None)
 def forward(config):
-  """jit (params, tokens) -> (logits, memory after them) from a fresh memory; one per ModelConfig, so that calls
-  with the same shapes share one compilation."""
+  """jit (params, tokens[, memory[, segment_ids]]) -> (logits, memory after them), from a fresh memory when none
+  is given; one per ModelConfig, so that calls with the same shapes share one compilation."""
   model = LM2Model(config)
-  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens)[:2])
+  return jax.jit(lambda params, tokens, memory=None, segment_ids=None:
+                 model.apply({"params": params}, tokens, memory, segment_ids=segment_ids)[:2])
 
 
 def recompute_everything(model, params, prompt, new, length=None):
@@ -70,3 +82,9 @@ def recompute_everything(model, params, prompt, new, length=None):
     toks[0, :len(seq)] = seq
     seq.append(int(jnp.argmax(apply(params, toks)[0][0, len(seq) - 1])))
   return seq[len(prompt):]
+
+
+def one_device_xla_flags() -> str:
+  """conftest's XLA_FLAGS (the quick compilation) without its 8 virtual devices: for subprocesses and kernels
+  that must see one CPU device."""
+  return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()

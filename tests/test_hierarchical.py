@@ -172,7 +172,7 @@ def test_gradients_reach_every_parameter_and_balance_loss_enters_aux():
     logits, _, aux = model.apply({"params": p}, tokens)
     return jnp.sum(logits * w) + aux["losses"]["balance"]
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]
             if "'memory'" in jax.tree_util.keystr(k)}
   assert any("bank_keys" in k for k in leaves) and any("salience" in k for k in leaves)

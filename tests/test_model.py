@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import build, logits_fn, random_tokens, tiny_config
+from helpers import build, forward, logits_fn, random_tokens, tiny_config
 from lm2_jax.model import LM2Model, count_params, scan_layout, unscan_layout
 
 SEG = 8  # tiny_config's segment_len
@@ -26,7 +26,7 @@ def test_causal(kind):
 
 
 def test_memory_carries_information_across_segments():
-  tokens = random_tokens(0, (2, 2 * SEG))
+  tokens = random_tokens(0, (2, 4 * SEG))  # test_causal's shape: one compilation for both
   changed = tokens.at[:, :SEG].set(random_tokens(1, (2, SEG)))
   for kind, expect_change in [("lm2", True), ("hierarchical", True), ("rmt", True), ("armt", True),
                               ("memoryllm", True), ("titans", True), ("hmt", True), ("none", False)]:
@@ -54,7 +54,7 @@ def test_gradients_reach_every_memory_parameter():
   model, params = build(tiny_config("lm2", bptt_segments=3))
   tokens = random_tokens(0, (2, 3 * SEG))
   w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w)))(params)
   leaves = _memory_leaves(grads)
   assert len(leaves) == 12  # q, k, v, o, u kernels; out, in, forget gates (kernel + bias); slot norm scale
   for name, g in leaves.items():
@@ -67,7 +67,7 @@ def _segment_embedding_grads(kind, bptt):
   tokens = (jnp.arange(4)[:, None] * 16 + random_tokens(0, (4, SEG), vocab=16)).reshape(1, 4 * SEG)
   w = jax.random.normal(jax.random.key(1), (1, SEG, 64))
   loss = lambda p: jnp.sum(model.apply({"params": p}, tokens)[0][:, 3 * SEG:] * w)
-  g = np.asarray(jax.grad(loss)(params)["embed"]["embedding"])
+  g = np.asarray(jax.jit(jax.grad(loss))(params)["embed"]["embedding"])
   return [np.abs(g[16 * s:16 * (s + 1)]).max() for s in range(4)], model, params, tokens
 
 
@@ -99,8 +99,8 @@ def test_scan_layers_matches_unscanned(kind, layers):
   w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
 
   def run(model, p):
-    (loss, (mem, aux)), g = jax.value_and_grad(
-        lambda p: (lambda out: (jnp.sum(out[0] * w), out[1:]))(model.apply({"params": p}, tokens)), has_aux=True)(p)
+    (loss, (mem, aux)), g = jax.jit(jax.value_and_grad(
+        lambda p: (lambda out: (jnp.sum(out[0] * w), out[1:]))(model.apply({"params": p}, tokens)), has_aux=True))(p)
     return loss, mem, g
 
   loss_s, mem_s, g_s = run(scanned, p_scan)
@@ -153,7 +153,7 @@ def test_documents_do_not_see_each_other(kind):
   """Two documents packed in one row (the second starts mid-segment): changing either one leaves the other's
   logits exactly as they were, through attention and through the memory."""
   model, params = build(tiny_config(kind))
-  f = jax.jit(lambda toks, ids: model.apply({"params": params}, toks, segment_ids=ids)[0])
+  f = lambda toks, ids: forward(model.config)(params, toks, None, ids)[0]
   start = 2 * SEG + 3
   ids = jnp.where(jnp.arange(4 * SEG) < start, 7, 9)[None].repeat(2, 0)
   tokens = random_tokens(0, (2, 4 * SEG))
@@ -172,7 +172,7 @@ def test_document_starting_at_a_segment_is_computed_as_if_alone(kind):
   """A document that starts at a segment boundary reads a fresh memory, exactly as if the row held it alone;
   one-document rows give the logits of a call without segment_ids."""
   model, params = build(tiny_config(kind))
-  f = jax.jit(lambda toks, ids: model.apply({"params": params}, toks, segment_ids=ids)[0])
+  f = lambda toks, ids: forward(model.config)(params, toks, None, ids)[0]
   tokens = random_tokens(0, (2, 4 * SEG))
   ids = jnp.where(jnp.arange(4 * SEG) < SEG, 1, 2)[None].repeat(2, 0)
   alone = logits_fn(model, params)
@@ -194,10 +194,11 @@ def test_reset_memory_replaces_only_the_flagged_rows():
 def test_memory_passed_between_calls_continues_the_stream(kind):
   """Two calls that pass the memory on give the logits and the memory of one call over both inputs."""
   model, params = build(tiny_config(kind))
+  apply = forward(model.config)
   tokens = random_tokens(0, (2, 3 * SEG))
-  whole, whole_mem, _ = model.apply({"params": params}, tokens)
-  first, mem, _ = model.apply({"params": params}, tokens[:, :2 * SEG])
-  second, second_mem, _ = model.apply({"params": params}, tokens[:, 2 * SEG:], mem)
+  whole, whole_mem = apply(params, tokens)
+  first, mem = apply(params, tokens[:, :2 * SEG])
+  second, second_mem = apply(params, tokens[:, 2 * SEG:], mem)
   np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(second_mem, whole_mem, atol=1e-5, rtol=0)
 
@@ -228,7 +229,7 @@ def test_rmt_gradients_reach_its_parameters():
   model, params = build(tiny_config("rmt", bptt_segments=2))
   tokens = random_tokens(0, (2, 3 * SEG))
   w = jax.random.normal(jax.random.key(1), (2, 3 * SEG, 64))
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] * w)))(params)
   for name, g in _memory_leaves(grads).items():  # the initial memory and the write norm's scale
     assert np.abs(np.asarray(g)).max() > 0, name
   assert len(_memory_leaves(grads)) == 2

@@ -16,8 +16,9 @@ def _init(model: LM2Model, rng: jax.Array):
 
 
 def init_params(model: LM2Model, rng: jax.Array):
-  """Fresh float32 parameters (plain arrays; logical axes from `param_axes`)."""
-  return nn.unbox(_init(model, rng))
+  """Fresh float32 parameters (plain arrays; logical axes from `param_axes`). Compiled, as the trainer's
+  initialisation is: run op by op, the model's forward pass inside `init` took seconds even at toy sizes."""
+  return jax.jit(lambda r: nn.unbox(_init(model, r)))(rng)
 
 
 def param_axes(model: LM2Model):
