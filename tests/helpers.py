@@ -1,8 +1,6 @@
 """Small configs and utilities shared by the tests."""
 
 import functools
-import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +81,3 @@ def recompute_everything(model, params, prompt, new, length=None):
     seq.append(int(jnp.argmax(apply(params, toks)[0][0, len(seq) - 1])))
   return seq[len(prompt):]
 
-
-def one_device_xla_flags() -> str:
-  """conftest's XLA_FLAGS (the quick compilation) without its 8 virtual devices: for subprocesses and kernels
-  that must see one CPU device."""
-  return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()

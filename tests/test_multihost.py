@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 
-from helpers import one_device_xla_flags
 from lm2_jax.train import trainer
 from test_trainer import small_config
 
@@ -24,8 +23,7 @@ def _train_two_processes(workdir, steps):
   """launch.train as processes 0 and 1 of one run, one CPU device each, the data axis split over the two
   processes as over the slices of a multi-slice run (mesh.dcn_data=2)."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=one_device_xla_flags() + " --xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "launch.train", f"--config=tests/test_trainer.py:{steps}", f"--workdir={workdir}",
        "--config.checkpoint.every=100", f"--config.distributed.coordinator_address=localhost:{port}",

@@ -7,15 +7,13 @@ import nbclient
 import nbformat
 import pytest
 
-from helpers import one_device_xla_flags
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
 def _one_device(monkeypatch):
   """A kernel as Colab starts it: one CPU device (not the 8 virtual devices of conftest)."""
-  monkeypatch.setenv("XLA_FLAGS", one_device_xla_flags())
+  monkeypatch.setenv("XLA_FLAGS", "")
 
 
 def _run(name: str, parameters: str) -> nbformat.NotebookNode:
