@@ -1,20 +1,9 @@
-"""Test set-up (before jax is imported): 8 virtual CPU devices for the sharding tests, and, in the test processes
-only, XLA's quick compilation (no expensive LLVM passes): the tests' programs are tiny, so compiling them costs
-far more than running them (125.6 s -> 77.5 s on three heavy tests). XLA reads its flags once, when the backend
-starts; the subprocesses the tests launch (launchers, notebook kernels) get the 8 devices without the quick
-compilation, so they run as users run them (one launcher under the quick flags timed out in XLA's CPU
-all-reduce rendezvous on the loaded machine)."""
+"""Test set-up: 8 virtual CPU devices for sharding tests (must be set before jax is imported)."""
 
 import os
 
-_DEVICES = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-os.environ["XLA_FLAGS"] = _DEVICES + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-
-jax.devices()  # starts the backend, which reads XLA_FLAGS now
-os.environ["XLA_FLAGS"] = _DEVICES
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
