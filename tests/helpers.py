@@ -80,4 +80,3 @@ def recompute_everything(model, params, prompt, new, length=None):
     toks[0, :len(seq)] = seq
     seq.append(int(jnp.argmax(apply(params, toks)[0][0, len(seq) - 1])))
   return seq[len(prompt):]
-
