@@ -29,8 +29,14 @@ float32, 16 memory slots or tokens, feed-forward width 682 = the peers' GEGLU wi
                     W = width = slots = tokens (the official layer needs tokens = slots = width); ours is
                     lm2_jax.model.memory.lm2 (read, then write) at the same sizes.
 
-Prints, per entry, its parameter count, median step time and tokens/s, then the ratio of each of ours to each
-peer (tokens/s over tokens/s; > 1: ours is faster). A peer whose package is missing is skipped with a message.
+An entry of ours may carry model-config overrides after a colon, to time variants side by side in one run:
+`ours/none:remat_policy=full+segment_unroll=4+scan_layers=False` (values as Python literals or bare strings).
+
+Prints, per entry, its parameter count, median step time and tokens/s, for ours also the model FLOP/s
+(`lm2_jax.train.flops`, attention and memory included) and the MFU against the float32 matmul peak (`--peak_flops`,
+or measured in each of our workers on its pinned cores, `flops.measure_peak_flops`, the best of them taken), then
+the ratio of each of ours to each peer (tokens/s over tokens/s; > 1: ours is faster). A peer whose package is
+missing is skipped with a message.
 """
 
 from __future__ import annotations
@@ -67,20 +73,38 @@ _SEG = flags.DEFINE_integer("segment_len", 128, "Tokens per segment.")
 _VOCAB = flags.DEFINE_integer("vocab", 1024, "Vocabulary size.")
 _SLOTS = flags.DEFINE_integer("slots", 16, "Memory slots (lm2) / memory tokens (rmt, titans long-term).")
 _TITANS_CHUNK = flags.DEFINE_integer("titans_chunk", 32, "ours/titans: tokens per memory update (memory.chunk_size).")
+_PEAK = flags.DEFINE_float("peak_flops", 0.0, "FLOP/s that MFU is measured against (0: measured in each worker).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one entry as a worker process.")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
 
 
-def _ours(kind: str):
-  """(step function, parameter count) of our trainer's train step with memory `kind`."""
+def _overrides(spec: str) -> dict:
+  """'a=1+b=full' -> {'a': 1, 'b': 'full'} (Python literals, else strings)."""
+  import ast
+
+  out = {}
+  for item in filter(None, spec.split("+")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--entries: override {item!r} is not field=value (e.g. ours/none:remat_policy=full)")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def _ours(kind: str, overrides: dict):
+  """(step function, parameter count, model FLOPs per token) of our trainer's train step with memory `kind` and
+  `overrides` of config.model."""
   import jax
   import numpy as np
 
   from configs import defaults
   from lm2_jax.model import count_params
-  from lm2_jax.train import trainer
+  from lm2_jax.train import flops, trainer
 
   config = defaults.get_config()
   config.model.update(dict(vocab_size=_VOCAB.value, d_model=_D.value, num_layers=_LAYERS.value,
@@ -88,6 +112,7 @@ def _ours(kind: str):
                            segment_len=_SEG.value, bptt_segments=0))
   config.model.memory.update(dict(kind=kind, num_slots=_SLOTS.value, num_heads=_HEADS.value,
                                   chunk_size=_TITANS_CHUNK.value))
+  config.model.update(overrides)
   config.train.update(dict(batch_size=_BATCH.value, seq_len=_SEQ.value, warmup_steps=1))
   setup = trainer.build(config)
   state = trainer.init_state(setup)
@@ -100,7 +125,7 @@ def _ours(kind: str):
     state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
 
-  return step, count_params(setup.model)["total"]
+  return step, count_params(setup.model)["total"], flops.train_flops_per_token(setup.model.config, _SEQ.value)
 
 
 def _ours_lm2_layer():
@@ -231,9 +256,13 @@ def _worker(name: str) -> None:
   tokens = _BATCH.value * (_D.value if name in LAYER_PAIR else _SEQ.value)
   builders = {"ours/lm2-layer": _ours_lm2_layer, "rmt-pytorch": _rmt_pytorch, "titans-pytorch": _titans_pytorch,
               "lm2-official/layer": _lm2_official_layer}
+  info = {}
   try:
     if name.startswith("ours/") and name not in LAYER_PAIR:
-      step, params = _ours(name.removeprefix("ours/"))
+      kind, _, spec = name.removeprefix("ours/").partition(":")
+      step, params, info["flops_per_token"] = _ours(kind, _overrides(spec))
+      from lm2_jax.train.flops import measure_peak_flops
+      info["peak_flops"] = _PEAK.value or measure_peak_flops()
     else:
       if name not in LAYER_PAIR or name == "lm2-official/layer":
         import torch
@@ -247,7 +276,7 @@ def _worker(name: str) -> None:
   step()  # compilation (ours) or first-call overheads (torch)
   first_s = time.perf_counter() - t0
   step()
-  proto.write(json.dumps({"ready": name, "params": params, "tokens": tokens, "first_s": first_s}) + "\n")
+  proto.write(json.dumps({"ready": name, "params": params, "tokens": tokens, "first_s": first_s, **info}) + "\n")
   for line in sys.stdin:
     if line.strip() != "step":
       break
@@ -290,7 +319,7 @@ class Worker:
 
 
 def _forwarded_flags() -> list[str]:
-  names = ("compile_cache", "steps", "threads", "lm2_src", "batch", "seq_len", "d_model", "layers", "heads", "d_ff", "segment_len",
+  names = ("compile_cache", "steps", "threads", "lm2_src", "peak_flops", "batch", "seq_len", "d_model", "layers", "heads", "d_ff", "segment_len",
            "vocab", "slots", "titans_chunk")
   return [f"--{n}={flags.FLAGS[n].value}" for n in names if flags.FLAGS[n].value is not None]
 
@@ -301,8 +330,11 @@ def main(argv):
     return _worker(_WORKER.value)
   entries = list(_ENTRIES.value)
   for name in entries:
-    if name not in (*OURS, *PEERS):
-      raise app.UsageError(f"--entries: unknown entry {name!r}; the entries are {[*OURS, *PEERS]}")
+    if name.partition(":")[0] not in (*OURS, *PEERS) or (":" in name and not name.startswith("ours/")):
+      raise app.UsageError(f"--entries: unknown entry {name!r}; the entries are {[*OURS, *PEERS]}, ours "
+                           "optionally with model overrides after a colon (ours/none:remat_policy=full)")
+    if ":" in name:
+      _overrides(name.partition(":")[2])  # a malformed override fails here, before any worker starts
   if _LM2_SRC.value:
     entries += LAYER_PAIR
   print(f"shape: batch {_BATCH.value} x {_SEQ.value} tokens, width {_D.value}, {_LAYERS.value} layers, "
@@ -325,12 +357,19 @@ def main(argv):
     w.close()
 
   rate = {}
-  print("\n| entry | params | first step s | median step ms | min-max ms | tokens/s |\n|---|---|---|---|---|---|")
+  peaks = [w.info["peak_flops"] for w in workers if w.info.get("peak_flops")]
+  peak = max(peaks) if peaks else None
+  if peak:
+    print(f"\nfloat32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({'--peak_flops' if _PEAK.value else 'measured'})")
+  print("\n| entry | params | first step s | median step ms | min-max ms | tokens/s | model GFLOP/s | MFU |\n"
+        "|---|---|---|---|---|---|---|---|")
   for w in workers:
     t = times[w.name]
     rate[w.name] = w.info["tokens"] / statistics.median(t)
+    fpt = w.info.get("flops_per_token")
+    achieved = f"{fpt * rate[w.name] / 1e9:.1f} | {fpt * rate[w.name] / peak:.1%}" if fpt and peak else "- | -"
     print(f"| {w.name} | {w.info['params']:,} | {w.info['first_s']:.1f} | {1e3 * statistics.median(t):.0f} | "
-          f"{1e3 * min(t):.0f}-{1e3 * max(t):.0f} | {rate[w.name]:,.0f} |")
+          f"{1e3 * min(t):.0f}-{1e3 * max(t):.0f} | {rate[w.name]:,.0f} | {achieved} |")
   ours = [n for n in rate if n.startswith("ours/") and n not in LAYER_PAIR]
   peers = [n for n in rate if n in PEERS]
   if ours and peers:

@@ -15,6 +15,7 @@ CASES = [
     (dict(bptt_segments=-1), "model.bptt_segments=-1", ">= 0"),
     (dict(dtype="float8"), "model.dtype='float8'", "use one of"),
     (dict(remat_policy="some"), "model.remat_policy='some'", "use one of"),
+    (dict(segment_unroll=0), "model.segment_unroll=0", "integer >= 1"),
     (dict(memory_kind="lm3"), "model.memory.kind='lm3'", "unknown memory kind; use one of ['none', 'armt', "),
     (dict(memory_layers="0,7"), "model.memory.layers='0,7'", "layer indices in [0, 2)"),
     (dict(memory_layers="0,0"), "model.memory.layers='0,0'", "distinct"),

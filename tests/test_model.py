@@ -88,9 +88,11 @@ def test_gradients_stop_beyond_bptt_segments(kind):
 
 @pytest.mark.parametrize("kind,layers", [("lm2", "all"), ("lm2", "1,2"), ("rmt", "all"), ("armt", "1,2")])
 def test_scan_layers_matches_unscanned(kind, layers):
+  """Scanned layers and a rolled segment loop against unscanned, rematerialised layers and a segment loop unrolled
+  by 2 (of 3 segments: one unrolled pair, then the remainder)."""
   scanned_cfg = tiny_config(kind, num_layers=4, memory_layers=layers, scan_layers=True, bptt_segments=2)
   loop_cfg = tiny_config(kind, num_layers=4, memory_layers=layers, scan_layers=False, bptt_segments=2,
-                         remat_policy="full")
+                         remat_policy="full", segment_unroll=2)
   scanned, p_scan = build(scanned_cfg)
   loop = LM2Model(loop_cfg)
   p_loop = unscan_layout(p_scan, scanned.config)

@@ -82,6 +82,7 @@ class ModelConfig:
   remat_policy: str
   memory: Any  # the memory kind's own frozen config (see lm2_jax.model.memory)
   attention_kernel: str = "xla"
+  segment_unroll: int = 1  # segments per iteration of the segment scan (XLA sees them as straight-line code)
 
   @property
   def head_dim(self) -> int:
@@ -112,7 +113,7 @@ class ModelConfig:
 
     v = as_dict(cfg, "model")
     known = {f.name for f in dataclasses.fields(cls)}
-    check_fields(v, known, "model", required=known - {"attention_kernel"})
+    check_fields(v, known, "model", required=known - {"attention_kernel", "segment_unroll"})
 
     ints = {n: positive_int(v, n, "model") for n in
             ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "segment_len")}
@@ -141,8 +142,11 @@ class ModelConfig:
     check(needs is None or backend == needs, "model.attention_kernel", kernel,
           f"the {kernel!r} kernel runs on {str(needs).upper()} only and this process's JAX backend is {backend!r}; "
           "use 'xla' here (the kernels compute the same attention)")
+    unroll = v.get("segment_unroll", 1)
+    check(isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1, "model.segment_unroll", unroll,
+          "must be an integer >= 1 (1: a rolled loop over segments; the number of segments: fully unrolled)")
     memory = memory_lib.parse_config(v["memory"], num_layers=ints["num_layers"], d_model=ints["d_model"])
-    return cls(**ints, bptt_segments=bptt, rope_theta=float(theta), rope_scaling=_rope_scaling(v["rope_scaling"]),
+    return cls(**ints, segment_unroll=unroll, bptt_segments=bptt, rope_theta=float(theta), rope_scaling=_rope_scaling(v["rope_scaling"]),
                tie_embeddings=v["tie_embeddings"], norm_eps=float(eps), dtype=v["dtype"],
                scan_layers=v["scan_layers"], remat_policy=v["remat_policy"], memory=memory, attention_kernel=kernel)
 
@@ -185,6 +189,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   m.remat_policy = "none"      # none | full | dots | dots_with_no_batch_dims
   m.attention_kernel = "xla"   # xla (any backend) | cudnn (GPU flash attention) | splash (TPU)
+  m.segment_unroll = 1         # segments unrolled per scan iteration: faster steps, longer compiles
 
   m.memory = ml_collections.ConfigDict()
   m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | armt | memoryllm | mplus | titans (README: the kinds)

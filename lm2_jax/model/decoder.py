@@ -395,7 +395,7 @@ class LM2Model(nn.Module):
     mem_doc_B = jnp.zeros((B,), jnp.int32) if ids_BT is None else ids_BT[:, 0]
 
     segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False, "memory": True},
-                       in_axes=0, length=S)
+                       in_axes=0, length=S, unroll=min(S, c.segment_unroll))
     (memory, _, _), (y_SBLD, stats, losses) = segments(c, name="decoder")(
         (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL))
 

@@ -34,7 +34,8 @@ ITEMS = ("state", "data", "config", "checksums")
 # Config fields whose change makes a checkpoint unusable (shapes or meaning of the saved arrays), and the fields
 # inside them that only change how the model runs (inference-time knobs), which may differ.
 _COMPATIBLE_REQUIRES = ("model", "train.batch_size", "train.grad_accum_steps")
-_RUNTIME_FIELDS = ("model.memory.skip_threshold", "model.memory.capacity_factor", "model.attention_kernel")
+_RUNTIME_FIELDS = ("model.memory.skip_threshold", "model.memory.capacity_factor", "model.attention_kernel",
+                   "model.segment_unroll", "model.remat_policy")
 
 
 class CheckpointError(RuntimeError):

@@ -1,0 +1,100 @@
+r"""Step time against document length: is the cost per token flat from 4K to 64K tokens?
+
+  python -m benchmarks.long_document [--kinds=none,lm2] [--lengths=4096,16384,65536] [--repeats=3]
+                                     [--override=remat_policy=full] ...
+
+One row of one document of each length (batch 1), the issue-15 shape otherwise: width 256, 4 layers, 4 heads,
+128-token segments, vocab 1024, float32, 16 memory slots, gradients through the carried memory within windows of
+`bptt_segments` (the config default, 4). Per kind and length it times the trainer's train step (forward, backward,
+AdamW: `lm2_jax.train.trainer.make_train_step`, what `launch.train` runs) and its eval step (forward and loss:
+`make_eval_step`), the median of `--repeats` after compilation, and prints seconds, tokens/s and each length's
+time over the shortest one's, against the ratio of lengths (16x for 4K -> 64K): a ratio at or below it means the
+cost per token does not grow with the document. Compilation time is printed too (the segment scan compiles once,
+whatever the length). `--override` sets config.model fields (`field=value`, repeatable).
+"""
+
+import ast
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from configs import defaults
+from launch import cli
+from lm2_jax.train import trainer
+
+_KINDS = flags.DEFINE_list("kinds", ["none", "lm2"], "Memory kinds.")
+_LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384", "65536"], "Document lengths in tokens (the first is "
+                             "the reference).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per length (the median is reported).")
+_OVERRIDES = flags.DEFINE_multi_string("override", [], "config.model field=value (a Python literal or a string).")
+
+
+def _config(kind: str, length: int):
+  config = defaults.get_config()
+  config.model.update(dict(vocab_size=1024, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, d_ff=682,
+                           segment_len=128))
+  for item in _OVERRIDES.value:
+    key, _, value = item.partition("=")
+    try:
+      config.model[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      config.model[key] = value
+  config.model.memory.update(dict(kind=kind, num_slots=16, num_heads=4))
+  config.train.update(dict(batch_size=1, seq_len=length, warmup_steps=1))
+  return config
+
+
+def _median_seconds(fn) -> tuple[float, float]:
+  """(first call's seconds: compilation and one step, median seconds of the next `repeats` calls)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(_REPEATS.value):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
+
+
+def measure(kind: str, length: int) -> dict[str, float]:
+  setup = trainer.build(_config(kind, length))
+  state = trainer.init_state(setup)
+  tokens = np.random.default_rng(0).integers(0, 1024, (1, length), dtype=np.int32)
+  batch = trainer.put_batch(setup, {"tokens": tokens})
+  train_step, eval_step = trainer.make_train_step(setup), trainer.make_eval_step(setup)
+
+  def train():
+    nonlocal state
+    state, metrics = train_step(state, batch)
+    return metrics
+
+  memory = setup.model.init_memory(1)
+  out = {}
+  out["train_first_s"], out["train_s"] = _median_seconds(train)
+  out["eval_first_s"], out["eval_s"] = _median_seconds(lambda: eval_step(state.params, batch, memory))
+  return out
+
+
+def main(argv):
+  del argv
+  lengths = [int(n) for n in _LENGTHS.value]
+  print(f"batch 1, width 256, 4 layers, 128-token segments, float32, overrides {_OVERRIDES.value or 'none'}; "
+        f"median of {_REPEATS.value} after compilation", flush=True)
+  print("\n| kind | tokens | train s | train tokens/s | train vs first | eval s | eval vs first | length ratio | "
+        "first train call s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  for kind in _KINDS.value:
+    base = None
+    for n in lengths:
+      r = measure(kind, n)
+      base = base or r
+      print(f"| {kind} | {n:,} | {r['train_s']:.2f} | {n / r['train_s']:,.0f} | "
+            f"{r['train_s'] / base['train_s']:.2f}x | {r['eval_s']:.2f} | {r['eval_s'] / base['eval_s']:.2f}x | "
+            f"{n / lengths[0]:.0f}x | {r['train_first_s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main)
