@@ -13,7 +13,6 @@ cost per token does not grow with the document. Compilation time is printed too 
 whatever the length). `--override` sets config.model fields (`field=value`, repeatable).
 """
 
-import ast
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from benchmarks import model_overrides
 from configs import defaults
 from launch import cli
 from lm2_jax.train import trainer
@@ -36,12 +36,7 @@ def _config(kind: str, length: int):
   config = defaults.get_config()
   config.model.update(dict(vocab_size=1024, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, d_ff=682,
                            segment_len=128))
-  for item in _OVERRIDES.value:
-    key, _, value = item.partition("=")
-    try:
-      config.model[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      config.model[key] = value
+  config.model.update(model_overrides(_OVERRIDES.value, "--override"))
   config.model.memory.update(dict(kind=kind, num_slots=16, num_heads=4))
   config.train.update(dict(batch_size=1, seq_len=length, warmup_steps=1))
   return config

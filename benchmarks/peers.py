@@ -51,6 +51,7 @@ import time
 
 from absl import app, flags
 
+from benchmarks import model_overrides
 from launch import compile_cache
 
 OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/armt", "ours/hierarchical", "ours/titans", "ours/hmt")
@@ -81,19 +82,8 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: run one entry as a work
 
 
 def _overrides(spec: str) -> dict:
-  """'a=1+b=full' -> {'a': 1, 'b': 'full'} (Python literals, else strings)."""
-  import ast
-
-  out = {}
-  for item in filter(None, spec.split("+")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--entries: override {item!r} is not field=value (e.g. ours/none:remat_policy=full)")
-    try:
-      out[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      out[key.strip()] = value.strip()
-  return out
+  """The model overrides of an entry, 'a=1+b=full' -> {'a': 1, 'b': 'full'}."""
+  return model_overrides(spec.split("+"), "--entries")
 
 
 def _ours(kind: str, overrides: dict):
@@ -319,8 +309,8 @@ class Worker:
 
 
 def _forwarded_flags() -> list[str]:
-  names = ("compile_cache", "steps", "threads", "lm2_src", "peak_flops", "batch", "seq_len", "d_model", "layers", "heads", "d_ff", "segment_len",
-           "vocab", "slots", "titans_chunk")
+  names = ("compile_cache", "steps", "threads", "lm2_src", "peak_flops", "batch", "seq_len", "d_model", "layers",
+           "heads", "d_ff", "segment_len", "vocab", "slots", "titans_chunk")
   return [f"--{n}={flags.FLAGS[n].value}" for n in names if flags.FLAGS[n].value is not None]
 
 

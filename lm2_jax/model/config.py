@@ -146,9 +146,10 @@ class ModelConfig:
     check(isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1, "model.segment_unroll", unroll,
           "must be an integer >= 1 (1: a rolled loop over segments; the number of segments: fully unrolled)")
     memory = memory_lib.parse_config(v["memory"], num_layers=ints["num_layers"], d_model=ints["d_model"])
-    return cls(**ints, segment_unroll=unroll, bptt_segments=bptt, rope_theta=float(theta), rope_scaling=_rope_scaling(v["rope_scaling"]),
+    return cls(**ints, bptt_segments=bptt, rope_theta=float(theta), rope_scaling=_rope_scaling(v["rope_scaling"]),
                tie_embeddings=v["tie_embeddings"], norm_eps=float(eps), dtype=v["dtype"],
-               scan_layers=v["scan_layers"], remat_policy=v["remat_policy"], memory=memory, attention_kernel=kernel)
+               scan_layers=v["scan_layers"], remat_policy=v["remat_policy"], memory=memory, attention_kernel=kernel,
+               segment_unroll=unroll)
 
 
 def _rope_scaling(value: Any) -> RopeScaling | None:

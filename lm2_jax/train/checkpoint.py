@@ -32,7 +32,8 @@ from lm2_jax.parallel.distributed import allgather_json
 
 ITEMS = ("state", "data", "config", "checksums")
 # Config fields whose change makes a checkpoint unusable (shapes or meaning of the saved arrays), and the fields
-# inside them that only change how the model runs (inference-time knobs), which may differ.
+# inside them that only change how the model runs, not its parameters (inference knobs, recomputation, unrolling),
+# which may differ.
 _COMPATIBLE_REQUIRES = ("model", "train.batch_size", "train.grad_accum_steps")
 _RUNTIME_FIELDS = ("model.memory.skip_threshold", "model.memory.capacity_factor", "model.attention_kernel",
                    "model.segment_unroll", "model.remat_policy")
