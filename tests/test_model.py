@@ -155,7 +155,8 @@ def test_documents_do_not_see_each_other(kind):
   """Two documents packed in one row (the second starts mid-segment): changing either one leaves the other's
   logits exactly as they were, through attention and through the memory."""
   model, params = build(tiny_config(kind))
-  f = lambda toks, ids: forward(model.config)(params, toks, None, ids)[0]
+  apply = forward(model.config)
+  f = lambda toks, ids: apply(params, toks, None, ids)[0]
   start = 2 * SEG + 3
   ids = jnp.where(jnp.arange(4 * SEG) < start, 7, 9)[None].repeat(2, 0)
   tokens = random_tokens(0, (2, 4 * SEG))
@@ -174,7 +175,8 @@ def test_document_starting_at_a_segment_is_computed_as_if_alone(kind):
   """A document that starts at a segment boundary reads a fresh memory, exactly as if the row held it alone;
   one-document rows give the logits of a call without segment_ids."""
   model, params = build(tiny_config(kind))
-  f = lambda toks, ids: forward(model.config)(params, toks, None, ids)[0]
+  apply = forward(model.config)
+  f = lambda toks, ids: apply(params, toks, None, ids)[0]
   tokens = random_tokens(0, (2, 4 * SEG))
   ids = jnp.where(jnp.arange(4 * SEG) < SEG, 1, 2)[None].repeat(2, 0)
   alone = logits_fn(model, params)

@@ -101,12 +101,18 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float | None:
 def measure_peak_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
   """FLOP/s of a [size, size] x [size, size] matmul on the default device, best of `repeats` after warm-up: the
   attainable matmul peak MFU is measured against."""
-  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  return measure_matmul_flops(size, size, size, dtype, repeats)
+
+
+def measure_matmul_flops(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 10) -> float:
+  """FLOP/s of a jitted [m, k] x [k, n] matmul on the default device, best of `repeats` after warm-up."""
+  a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+  b = jax.random.normal(jax.random.key(1), (k, n), dtype)
   matmul = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(matmul(a, a))
+  jax.block_until_ready(matmul(a, b))
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(matmul(a, a))
+    jax.block_until_ready(matmul(a, b))
     best = min(best, time.perf_counter() - t0)
-  return 2 * size ** 3 / best
+  return 2 * m * k * n / best
