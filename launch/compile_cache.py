@@ -11,7 +11,7 @@ config, code or machine compiles afresh; only programs that took at least `MIN_C
 The cache stays off in a process set up for several virtual CPU devices (`--xla_force_host_platform_device_count`
 or `jax_num_cpu_devices` above 1; not when JAX_PLATFORMS puts another platform first). There, with jax 0.10.2,
 a multi-device train step loaded from the cache aborted in XLA's CPU all-reduce rendezvous ("Termination timeout
-... of 40 seconds exceeded") in about one run in four, and never once compiled afresh (benchmarks/PERF_NOTES.md,
+... of 40 seconds exceeded") in 6 of 21 runs, and never once compiled afresh (benchmarks/PERF_NOTES.md,
 section 6). The decision is taken from the flags, before any device is touched, since multi-process launchers
 must call `jax.distributed.initialize` first.
 """
