@@ -7,10 +7,10 @@ there; PERF_NOTES.md section 6 has the measurements).
 Each run is a fresh process with --xla_force_host_platform_device_count=8 that trains, for 12 steps with a
 checkpoint every step, the config of the test that failed in CI: `tests/test_trainer.py: packed_config`, packed
 documents with a memory carried between batches (`--data=packed`), or the same model on a continuing recall
-stream (`--data=recall`, which did not abort in 6 cached runs, log cpu_cache_rendezvous_recall_stream.txt).
-The cache is written by one cold run first; the runs then alternate between the warm cache and no cache. An abort is XLA's "Termination timeout ... exceeded"
-(exit by SIGABRT after 40 s of waiting). Rerun it after a jax upgrade: when the cached column shows no abort
-either, the guard in compile_cache.py can go.
+stream (`--data=recall`; it did not abort in 6 cached runs, log cpu_cache_rendezvous_recall_stream.txt). The
+cache is written by one cold run first; the runs then alternate between the warm cache and no cache. An abort is
+XLA's "Termination timeout ... exceeded" (exit by SIGABRT after 40 s of waiting). Rerun it after a jax upgrade:
+when the cached column shows no abort either, the guard in compile_cache.py can go.
 """
 
 import os
