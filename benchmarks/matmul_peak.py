@@ -12,13 +12,12 @@ with `pip install -e '.[peers]'`).
 """
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from lm2_jax.train.flops import measure_matmul_flops, measure_peak_flops
+from lm2_jax.train.flops import best_seconds, measure_matmul_flops, measure_peak_flops
 
 _SIZES = flags.DEFINE_list("sizes", ["512", "1024", "2048"], "Matrix sizes.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Matmul dtype.")
@@ -27,18 +26,12 @@ _SHAPES = flags.DEFINE_list("shapes", ["512x256x682", "512x682x256", "256x512x68
 _TORCH = flags.DEFINE_bool("torch", False, "Also time torch.matmul at the same shapes (float32).")
 
 
-def _torch_flops(m: int, k: int, n: int, repeats: int = 10) -> float:
+def _torch_flops(m: int, k: int, n: int) -> float:
   import torch
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   a, b = torch.randn(m, k), torch.randn(k, n)
-  a @ b
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    a @ b
-    best = min(best, time.perf_counter() - t0)
-  return 2 * m * k * n / best
+  return 2 * m * k * n / best_seconds(lambda: a @ b)
 
 
 def main(argv):

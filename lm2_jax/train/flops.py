@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +110,15 @@ def measure_matmul_flops(m: int, k: int, n: int, dtype=jnp.float32, repeats: int
   a = jax.random.normal(jax.random.key(0), (m, k), dtype)
   b = jax.random.normal(jax.random.key(1), (k, n), dtype)
   matmul = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(matmul(a, b))
+  return 2 * m * k * n / best_seconds(lambda: jax.block_until_ready(matmul(a, b)), repeats)
+
+
+def best_seconds(run: Callable[[], Any], repeats: int = 10) -> float:
+  """Wall seconds of the fastest of `repeats` calls of `run` (which must block until done), after one warm-up."""
+  run()
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
+    run()
     best = min(best, time.perf_counter() - t0)
-  return 2 * m * k * n / best
+  return best
