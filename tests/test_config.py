@@ -1,5 +1,7 @@
 """Bad configuration fails early, and the error names the field, the value and the fix."""
 
+import os
+
 import jax.numpy as jnp
 import pytest
 
@@ -67,3 +69,26 @@ def test_rmt_memory_is_model_level():
   cfg = LM2Model(tiny_config("rmt")).config
   assert cfg.memory_layers == () and cfg.memory.num_slots == 6
   assert count_params(LM2Model(tiny_config("rmt")))["memory"] == 6 * 32 + 32  # initial memory, write norm
+
+
+def test_reading_every_config_leaves_the_devices_untouched():
+  """Launchers read the config before `jax.distributed.initialize`, which must come before any device is touched:
+  building the model config of every file in configs/ (the BABILong family counts parameters) must not start a
+  JAX backend. Checked in a fresh process, where nothing else has started one."""
+  import subprocess
+  import sys
+  code = """
+import glob, importlib, os
+from jax._src import xla_bridge
+from lm2_jax.model.config import ModelConfig
+for path in sorted(glob.glob("configs/*.py")):
+  name = os.path.basename(path)[:-3]
+  if name in ("__init__", "babilong"):
+    continue
+  ModelConfig.from_config(importlib.import_module("configs." + name).get_config().model)
+  assert not xla_bridge.backends_are_initialized(), name + " started a JAX backend"
+print("ok")
+"""
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -138,10 +138,12 @@ class ModelConfig:
 
     kernel = v.get("attention_kernel", "xla")
     check(kernel in ATTENTION_KERNELS, "model.attention_kernel", kernel, f"use one of {sorted(ATTENTION_KERNELS)}")
-    needs, backend = ATTENTION_KERNELS[kernel], jax.default_backend()
-    check(needs is None or backend == needs, "model.attention_kernel", kernel,
-          f"the {kernel!r} kernel runs on {str(needs).upper()} only and this process's JAX backend is {backend!r}; "
-          "use 'xla' here (the kernels compute the same attention)")
+    needs = ATTENTION_KERNELS[kernel]  # the backend is asked only then: configs are read before
+    if needs is not None:              # jax.distributed.initialize, which must come before any device is touched
+      backend = jax.default_backend()
+      check(backend == needs, "model.attention_kernel", kernel,
+            f"the {kernel!r} kernel runs on {str(needs).upper()} only and this process's JAX backend is "
+            f"{backend!r}; use 'xla' here (the kernels compute the same attention)")
     unroll = v.get("segment_unroll", 1)
     check(isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1, "model.segment_unroll", unroll,
           "must be an integer >= 1 (1: a rolled loop over segments; the number of segments: fully unrolled)")
