@@ -80,9 +80,10 @@ def _docs(lengths):
   return [np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(lengths)]
 
 
-def _stream_packer(docs, batch_size, seq_len):
+def _stream_packer(docs, batch_size, seq_len, align_documents=False):
   ds = grain.MapDataset.source(docs).repeat()
-  return iter(PackedStreams(ds, batch_size=batch_size, seq_len=seq_len, num_docs=len(docs)))
+  return iter(PackedStreams(ds, batch_size=batch_size, seq_len=seq_len, num_docs=len(docs),
+                            align_documents=align_documents))
 
 
 def test_packed_streams_lay_documents_end_to_end():
@@ -113,14 +114,48 @@ def test_packed_streams_lay_documents_end_to_end():
   assert sorted(taken) == sorted(i % len(docs) for i in range(len(taken)))
 
 
-def test_packed_streams_resume_exactly():
+def test_aligned_documents_lie_whole_in_one_row():
+  rng = np.random.default_rng(2)
+  docs = _docs(rng.integers(1, 40, 30))[1:]  # not document 0, whose first token would look like padding
+  B, T, steps = 2, 16, 40
+  it = _stream_packer(docs, B, T, align_documents=True)
+  rows = [next(it) for _ in range(steps)]
+  taken = []
+  for b in range(B):
+    tokens = np.concatenate([r["tokens"][b] for r in rows])
+    ids = np.concatenate([r["segment_ids"][b] for r in rows])
+    mask = np.concatenate([r["loss_mask"][b] for r in rows])
+    starts = np.flatnonzero(np.diff(ids, prepend=-1))
+    ends = np.append(starts[1:], len(ids))
+    for start, end in zip(starts, ends):
+      piece = tokens[start:end]
+      if not piece.any():  # padding: only ever the end of a row, without loss
+        assert end % T == 0 and not mask[start:end].any()
+        continue
+      index = piece[0] // 1000 - 1
+      doc = docs[index % len(docs)]
+      if end < len(tokens):
+        np.testing.assert_array_equal(piece, doc)
+        taken.append(index)
+      if len(doc) <= T:
+        assert start // T == (end - 1) // T, f"document {index} of {len(doc)} tokens split across rows"
+      else:
+        assert start % T == 0, f"document {index} of {len(doc)} tokens does not start a row"
+      assert not mask[start] or start % T == 0  # no loss at a first token inside a row
+    for row in rows:
+      assert row["new_document"][b] == (row["tokens"][b, 0] % 1000 == 0)
+  assert sorted(taken) == sorted(i % len(docs) for i in range(len(taken)))  # in order, none skipped
+
+
+@pytest.mark.parametrize("align_documents", [False, True])
+def test_packed_streams_resume_exactly(align_documents):
   docs = _docs(np.random.default_rng(1).integers(5, 50, 20))
-  it = _stream_packer(docs, 2, 16)
+  it = _stream_packer(docs, 2, 16, align_documents)
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(4)]
-  resumed = _stream_packer(docs, 2, 16)
+  resumed = _stream_packer(docs, 2, 16, align_documents)
   resumed.set_state(state)
   for a, b in zip(want, [next(resumed) for _ in range(4)]):
     for k in a:

@@ -6,6 +6,12 @@ same row of the next batch, where a memory carried between batches (`data.contin
 Nothing is padded or dropped. A document is an int32 token array, or a dict {'tokens', 'loss_mask'} whose mask
 says which of its tokens carry loss (e.g. only a question's answer).
 
+With `align_documents`, a document that does not fit in what is left of its row starts the next row instead, and
+the rest of the row is padding (token 0, a document id of its own, no loss). A document no longer than T then
+lies whole in one row, so a gradient through the memory (`model.bptt_segments=0`) reaches from its question back
+to every fact before it; split across rows, the memory carried between batches is a constant and no gradient
+crosses the split. A document longer than T still continues in the next row, from a row start.
+
 A batch: {'tokens': int32 [B, T], 'segment_ids': int32 [B, T] (document id, the same for all tokens of one
 document in one stream, > 0), 'loss_mask': bool [B, T] (False at the first token of a document that follows
 another in the row: it is not predicted from another document), 'new_document': bool [B] (the row starts a
@@ -33,9 +39,10 @@ class PackedStreams(grain.IterDataset):
   'loss_mask'); `num_docs`: documents in one pass over it (to detect a source of only empty documents)."""
 
   def __init__(self, docs: grain.MapDataset, *, batch_size: int, seq_len: int, num_docs: int, num_threads: int = 2,
-               prefetch: int = 32):
+               prefetch: int = 32, align_documents: bool = False):
     super().__init__(docs)
     self.docs, self.batch_size, self.seq_len, self.num_docs = docs, batch_size, seq_len, num_docs
+    self.align_documents = align_documents
     self.num_threads, self.prefetch = num_threads, prefetch
 
   def __iter__(self) -> "PackedStreamsIterator":
@@ -77,12 +84,17 @@ class PackedStreamsIterator(grain.DatasetIterator):
     loss_mask = np.ones((B, T), bool)
     new_document = np.zeros(B, bool)
     for b, stream in enumerate(self._streams):
-      new_document[b] = stream["doc"] < 0
+      new_document[b] = stream["doc"] < 0 or stream["offset"] == 0  # offset 0: held back by align_documents
       filled = 0
       while filled < T:
         if stream["doc"] < 0:
           stream["doc"], (stream["tokens"], stream["mask"]) = self._next_document()
           stream["offset"], stream["seen"] = 0, stream["seen"] + 1
+          if filled and self._ds.align_documents and len(stream["tokens"]) > T - filled:
+            tokens[b, filled:], loss_mask[b, filled:] = 0, False  # padding, then the document from the next row
+            ids[b, filled:] = stream["seen"] % _MAX_ID + 1
+            stream["seen"] += 1
+            break
           if filled:  # a document after another in the row: its first token is not predicted across the boundary
             loss_mask[b, filled] = False
         n = min(T - filled, len(stream["tokens"]) - stream["offset"])
