@@ -72,8 +72,8 @@ def test_formula_matches_xla_cost_analysis(kind, memory):
   assert formula <= xla <= 1.03 * formula, (formula, xla)
 
 
-@pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("rmt", {}), ("armt", {}), ("hmt", HMT),
-                                         ("hmt", HMT_LEARNED)])
+@pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("lm2", {"write_gate": True}), ("rmt", {}),
+                                         ("armt", {}), ("hmt", HMT), ("hmt", HMT_LEARNED)])
 def test_formula_matches_matmuls_of_traced_program(kind, memory):
   batch, length, segment = 2, 96, 32
   model, forward, params = _forward(_config(kind, segment, True, **memory), batch, length)

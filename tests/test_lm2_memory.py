@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from helpers import tiny_config
 from lm2_jax.model import ModelConfig
@@ -36,7 +37,8 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
     p_read = _softmax(scores, axis=1)
     read.append(p_read @ (normed @ v[:, sl]))                          # [L, E]
     write_scores = (x @ q[:, sl]) @ (normed @ k[:, sl]).T / np.sqrt(E)
-    update.append(_softmax(write_scores, axis=1).T @ (x @ u[:, sl]))   # [N, E]: each token over the slots
+    strength = _sigmoid(x @ p["write_gate"]["kernel"][:, r] + p["write_gate"]["bias"][r]) if "write_gate" in p else 1
+    update.append(_softmax(write_scores, axis=1).T @ ((x @ u[:, sl]) * np.reshape(strength, (-1, 1))))  # [N, E]
     mass = mass + p_read.mean(0) / num_heads
   e_mem = np.concatenate(read, axis=1)
   delta = _sigmoid(e_mem @ gate_w + gate_b) * (e_mem @ o)
@@ -47,15 +49,18 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
   return delta, g_in * np.tanh(U) + g_f * slots, decay * read_mass + mass
 
 
-def test_read_and_write_match_the_equations():
-  cfg = ModelConfig.from_config(tiny_config("lm2", memory_num_slots=5, memory_num_heads=2, memory_read_decay=0.9))
+@pytest.mark.parametrize("write_gate,forget_bias", [(False, 1.0), (True, 3.0)])
+def test_read_and_write_match_the_equations(write_gate, forget_bias):
+  cfg = ModelConfig.from_config(tiny_config("lm2", memory_num_slots=5, memory_num_heads=2, memory_read_decay=0.9,
+                                            memory_write_gate=write_gate, memory_forget_bias=forget_bias))
   mem = LM2Memory(cfg)
   B, L = 2, 7
   h = np.asarray(jax.random.normal(jax.random.key(0), (B, L, cfg.d_model)))
   state = {"slots": np.asarray(jax.random.normal(jax.random.key(1), (B, 5, cfg.d_model))),
            "read_mass": np.asarray(jax.random.uniform(jax.random.key(2), (B, 5)))}
   fresh = nn.unbox(mem.init(jax.random.key(3), state, h, method=LM2Memory.step))["params"]
-  np.testing.assert_array_equal(fresh["forget_gate"]["bias"], 1.0)  # b_f starts at +1
+  np.testing.assert_array_equal(fresh["forget_gate"]["bias"], forget_bias)  # b_f starts at memory.forget_bias
+  assert ("write_gate" in fresh) == write_gate
   np.testing.assert_array_equal(fresh["in_gate"]["bias"], 0.0)      # b_in starts at 0
   leaves, treedef = jax.tree.flatten(fresh)  # perturb every parameter, biases included
   keys = jax.random.split(jax.random.key(4), len(leaves))

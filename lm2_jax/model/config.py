@@ -196,12 +196,13 @@ def default_model_config() -> ml_collections.ConfigDict:
 
   m.memory = ml_collections.ConfigDict()
   m.memory.kind = "none"       # none | lm2 | hierarchical | rmt | armt | memoryllm | mplus | titans (README: the kinds)
-  m.memory.kind = "none"       # none | lm2 | hierarchical | rmt (memory tokens read and written by the decoder) | hmt
   m.memory.layers = "all"      # 'all', or layer indices: '0,4,8' (or a list in Python); rmt: 'all' only
   m.memory.num_slots = 64      # slots per memory layer; rmt: memory tokens per segment
   m.memory.num_heads = 8
   m.memory.slot_dim = 0        # 0: d_model
   m.memory.read_decay = 0.99   # per-segment decay of the read statistics kept in the memory state
+  m.memory.forget_bias = 1.0   # lm2, hierarchical: initial forget-gate bias (+1 keeps 0.73 of a slot per segment)
+  m.memory.write_gate = False  # lm2, hierarchical: each token scales its own write (lm2.py docstring)
   # hierarchical (lm2_jax/model/memory/hierarchical.py): general level + banks, each token reads top_k banks
   m.memory.general_slots = 32
   m.memory.num_banks = 64

@@ -20,6 +20,7 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
                   + 8 N S                                  read scores and values; write scores and U
                   + 12 N S^2 / L                           per segment: slot keys, values (4 N S^2) and the
                                                            input and forget gates on [M, U] (8 N S^2)
+                  + 2 D R                                  with memory.write_gate: each token's write strength
     hierarchical  per memory layer: lm2 with N0 general slots, plus
                   10 D S                                   route (read and write), q, o, u
                   + 4 D                                    deep gate, salience
@@ -53,8 +54,8 @@ import jax.numpy as jnp
 from lm2_jax.model.config import ModelConfig
 
 
-def _lm2_memory(d: int, s: int, n: int, length: int) -> float:
-  return 10 * d * s + 8 * n * s + 12 * n * s * s / length
+def _lm2_memory(d: int, s: int, n: int, length: int, m) -> float:
+  return 10 * d * s + 8 * n * s + 12 * n * s * s / length + (2 * d * m.num_heads if m.write_gate else 0)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] | None:
@@ -72,13 +73,13 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] 
   parts = {"layers": cfg.num_layers * x / length * per_position, "logits": 2.0 * d * cfg.vocab_size,
            "memory": 0.0}
   if m.kind == "lm2":
-    parts["memory"] = len(m.layers) * _lm2_memory(d, m.slot_dim, m.num_slots, length)
+    parts["memory"] = len(m.layers) * _lm2_memory(d, m.slot_dim, m.num_slots, length, m)
   elif m.kind == "hierarchical":
     s, k = m.slot_dim, m.top_k
     routing = 2 * (math.isqrt(m.num_banks) if m.product_keys else m.num_banks) * s
     balance = 2 * m.num_banks if m.product_keys else 0  # the product of the halves' probabilities, read only
     deep = 10 * d * s + 4 * d + 4 * k * m.bank_slots * s + 2 * k * s + 2 * routing + balance
-    parts["memory"] = len(m.layers) * (_lm2_memory(d, s, m.general_slots, length) + deep)
+    parts["memory"] = len(m.layers) * (_lm2_memory(d, s, m.general_slots, length, m) + deep)
   elif m.kind == "armt":
     k, f, M = m.key_dim, m.feature_dim, m.num_slots
     read = 2 * d * k + 2 * f * d + 2 * f

@@ -64,11 +64,14 @@ class HierarchicalMemoryConfig:
   balance_loss_weight: float
   product_keys: bool          # route with product keys (num_banks must be a square)
   capacity_factor: float      # per-bank token capacity, as a multiple of the even share L * top_k / num_banks
+  forget_bias: float = 1.0    # the general level's (LM2MemoryConfig)
+  write_gate: bool = False
 
   @property
   def general(self) -> LM2MemoryConfig:
     return LM2MemoryConfig(kind="lm2", layers=self.layers, num_slots=self.general_slots, num_heads=self.num_heads,
-                           slot_dim=self.slot_dim, read_decay=self.read_decay)
+                           slot_dim=self.slot_dim, read_decay=self.read_decay, forget_bias=self.forget_bias,
+                           write_gate=self.write_gate)
 
   @classmethod
   def parse(cls, cfg: Any, *, num_layers: int, d_model: int) -> "HierarchicalMemoryConfig":
@@ -104,7 +107,7 @@ class HierarchicalMemoryConfig:
     return cls(kind=v["kind"], layers=parse_layers(v["layers"], num_layers), num_heads=general.num_heads,
                slot_dim=general.slot_dim, read_decay=general.read_decay, skip_threshold=float(threshold),
                balance_loss_weight=float(weight), product_keys=product,
-               capacity_factor=float(factor), **ints)
+               capacity_factor=float(factor), forget_bias=general.forget_bias, write_gate=general.write_gate, **ints)
 
 
 def _gather_rows(x_BK, idx_BJ):
