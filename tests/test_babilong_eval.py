@@ -17,7 +17,7 @@ from lm2_jax.data.babi.training import (ANSWER_CUE, BabilongSource, encode_promp
                                         parse_curriculum)
 from lm2_jax.data.packing import PackedStreams
 from lm2_jax.data.pipeline import babilong_distractor
-from lm2_jax.evaluate.babilong import generate_answers, markdown_table, plot_heatmap
+from lm2_jax.evaluate.babilong import distance_table, generate_answers, markdown_table, plot_distance, plot_heatmap
 from lm2_jax.model import LM2Model
 from lm2_jax.model.config import ConfigError
 from lm2_jax.train import trainer
@@ -133,6 +133,17 @@ def test_table_layout_and_heatmap(tmp_path):
   assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_accuracy_by_distance_pools_tasks_and_lengths_per_bin(tmp_path):
+  models = {"lm2": {"accuracy": {}, "fact_distance": {"qa1": {"0": [[10, 1], [100, 0]], "1024": [[600, 1], [900, 1]]},
+                                                      "qa2": {"1024": [[700, 0], [20000, 1]]}}},
+            "none": {"accuracy": {}, "fact_distance": {"qa1": {"0": [[50, 1]], "1024": [[1000, 0]]}}}}
+  assert distance_table(models).splitlines() == [
+      "| tokens after the fact | lm2 | none |", "|---|---|---|",
+      "| 0-128 | 50.0 (2) | 100.0 (1) |", "| 512-1024 | 66.7 (3) | 0.0 (1) |", "| 16384- | 100.0 (1) | — (0) |"]
+  plot_distance(models, str(tmp_path / "d.png"))
+  assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_family_has_equal_parameter_counts():
   counts = {kind: family.count_parameters(family.get_config(kind).model) for kind in family.KINDS}
   assert max(counts.values()) / min(counts.values()) < 1.01, counts
@@ -161,3 +172,22 @@ def test_train_then_evaluate_a_babilong_checkpoint(tmp_path, tok):
   sample = make_sample(generate("qa1", 1, seed=0, split="test")[0], 0)
   doc = encode_sample(tok, sample)
   assert encode_prompt(tok, sample) == doc["tokens"][~doc["loss_mask"]].tolist()
+
+
+def test_accuracy_records_each_answer_with_its_distance_from_the_fact(tok):
+  """babilong_accuracy: one [tokens after the supporting fact, correct] per sample, agreeing with the accuracy;
+  the distance checked against the prompt's own token ids (the tokens after the fact's last piece)."""
+  from lm2_jax.data.babi import make_samples
+  from lm2_jax.evaluate.babilong import babilong_accuracy
+  model, params = build(tiny_config("lm2", vocab_size=768))
+  got = babilong_accuracy(model, params, tok, tasks=["qa1"], lengths=[0, 256], num_samples=3, batch_size=2,
+                          max_new_tokens=2, log=lambda _: None)
+  for length in (0, 256):
+    records = got["fact_distance"]["qa1"][str(length)]
+    assert len(records) == 3 and np.mean([c for _, c in records]) == got["accuracy"]["qa1"][str(length)]
+    for sample, (distance, _) in zip(make_samples("qa1", 3, length, split="test", count_tokens=tok.count), records):
+      prompt = encode_prompt(tok, sample)
+      fact = sample["sentences"][sample["supporting"][-1]]
+      upto = sample["context"][:sample["context"].rindex(fact) + len(fact)]
+      assert abs(distance - (len(prompt) - 1 - len(tok.encode(upto)))) <= 2
+  assert max(d for d, _ in got["fact_distance"]["qa1"]["256"]) > max(d for d, _ in got["fact_distance"]["qa1"]["0"])

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from lm2_jax.data.babi.babilong import babilong_correct, make_samples
-from lm2_jax.data.babi.training import encode_prompt
+from lm2_jax.data.babi.training import ANSWER_CUE, encode_prompt
 from lm2_jax.data.pipeline import babilong_distractor, babilong_tasks, babilong_tokenizer
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.model import LM2Model
@@ -58,10 +58,12 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
 
   With `full_attention`, lengths above `full_attention_max` are not run (reported as None). Returns
   {'accuracy': {task: {str(length): float | None}}, 'examples': {task: {str(length): first answer}},
-  'seconds': {str(length): wall time}}.
+  'seconds': {str(length): wall time}, 'fact_distance': {task: {str(length): [[tokens, correct], ...]}}}, where
+  `tokens` counts the prompt's tokens after the last supporting fact (what the memory must carry it across).
   """
   stop_ids = _stop_ids(tok)
-  results = {"accuracy": {t: {} for t in tasks}, "examples": {t: {} for t in tasks}, "seconds": {}}
+  results = {"accuracy": {t: {} for t in tasks}, "examples": {t: {} for t in tasks}, "seconds": {},
+             "fact_distance": {t: {} for t in tasks}}
   for length in lengths:
     t0 = time.perf_counter()
     for task in tasks:
@@ -79,7 +81,10 @@ def babilong_accuracy(model: LM2Model, params, tok: Tokenizer, *, tasks: Sequenc
                                    full_attention=full_attention)
         for s, ids in zip(chunk, outputs):
           text = tok.decode(ids)
-          correct += babilong_correct(text, s["answer"], task, s["question"])
+          right = babilong_correct(text, s["answer"], task, s["question"])
+          correct += right
+          after = " ".join(s["sentences"][max(s["supporting"], default=-1) + 1:] + [s["question"]]) + ANSWER_CUE
+          results["fact_distance"][task].setdefault(str(length), []).append([tok.count(after), int(right)])
           results["examples"][task].setdefault(str(length), {"answer": s["answer"], "generated": text})
       results["accuracy"][task][str(length)] = correct / num_samples
     results["seconds"][str(length)] = round(time.perf_counter() - t0, 1)
@@ -144,13 +149,61 @@ def plot_heatmap(models: dict[str, dict], tasks: Sequence[str], lengths: Sequenc
   fig.savefig(path, dpi=100)
 
 
+DISTANCE_BINS = (0, 128, 512, 1024, 2048, 4096, 8192, 16384, 1 << 40)  # tokens between the fact and the answer
+
+
+def accuracy_by_distance(result: dict, bins: Sequence[int] = DISTANCE_BINS) -> list[tuple]:
+  """Retention: (from, to, accuracy or None, samples) per bin of `fact_distance` (tokens after the last supporting fact),
+  pooled over the tasks and lengths of one model's result."""
+  pairs = np.array([p for per_task in result.get("fact_distance", {}).values() for per_length in per_task.values()
+                    for p in per_length], float).reshape(-1, 2)
+  rows = []
+  for lo, hi in zip(bins[:-1], bins[1:]):
+    inside = pairs[(pairs[:, 0] >= lo) & (pairs[:, 0] < hi), 1]
+    rows.append((lo, hi, float(inside.mean()) if len(inside) else None, len(inside)))
+  return rows
+
+
+def distance_table(models: dict[str, dict]) -> str:
+  """Accuracy (%) by the fact's distance from the answer, a column per model, with each cell's sample count."""
+  lines = ["| tokens after the fact | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+  per_model = {name: accuracy_by_distance(r) for name, r in models.items()}
+  for i, (lo, hi, *_) in enumerate(next(iter(per_model.values()), [])):
+    cells = [f"{_cell(rows[i][2])} ({rows[i][3]})" for rows in per_model.values()]
+    if any(rows[i][3] for rows in per_model.values()):
+      lines.append(f"| {lo}-{hi if hi < 1 << 40 else ''} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_distance(models: dict[str, dict], path: str) -> None:
+  """Accuracy against the fact's distance from the answer (log-spaced bins), one line per model, as a PNG."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6, 3.6))
+  ax = fig.subplots()
+  for name, result in models.items():
+    rows = [(np.sqrt(max(lo, 64) * min(hi, 32768)), 100 * acc) for lo, hi, acc, _ in accuracy_by_distance(result)
+            if acc is not None]
+    if rows:
+      ax.plot(*zip(*rows), marker="o", label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("tokens between the supporting fact and the answer")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def write_report(models: dict[str, dict], tasks: Sequence[str], lengths: Sequence[int], prefix: str,
                  extra: dict | None = None) -> str:
-  """Writes PREFIX.json (every result), PREFIX.md (the table) and PREFIX.png (the heatmap); returns the table."""
-  table = markdown_table(models, tasks, lengths)
+  """Writes PREFIX.json (every result), PREFIX.md (the table, then accuracy by the fact's distance), PREFIX.png
+  (the heatmap) and PREFIX_distance.png; returns the tables."""
+  table = markdown_table(models, tasks, lengths) + "\n\n" + distance_table(models)
   with open(prefix + ".json", "w") as f:
     json.dump({"tasks": list(tasks), "lengths": list(lengths), "models": models, **(extra or {})}, f, indent=2)
   with open(prefix + ".md", "w") as f:
     f.write(table + "\n")
   plot_heatmap(models, tasks, lengths, prefix + ".png")
+  plot_distance(models, prefix + "_distance.png")
   return table
