@@ -15,8 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.kind = "recall"           # recall (built-in task) | text_files | array_record | tfds | babilong
   config.data.continuing_stream = False  # True: the memory of one batch is carried into the next
-  config.data.align_documents = False   # True: a document that does not fit in the rest of a row starts the next
-                                        # row (the rest is padding), so one no longer than a row is never split
+  config.data.align_documents = 0      # 0: documents end to end; U tokens (a divisor of train.seq_len, e.g.
+                                        # model.segment_len): a document starts a U-token unit unless it fits in
+                                        # the rest of one, and one no longer than a row is never split (padding)
   config.data.shuffle_seed = ml_collections.config_dict.placeholder(int)  # None: sources in order
   # Document sources (packed into continuing streams with document ids; lm2_jax.data.pipeline):
   config.data.paths = ""                # text_files / array_record: comma-separated files or globs

@@ -80,10 +80,9 @@ def _docs(lengths):
   return [np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(lengths)]
 
 
-def _stream_packer(docs, batch_size, seq_len, align_documents=False):
+def _stream_packer(docs, batch_size, seq_len, align=0):
   ds = grain.MapDataset.source(docs).repeat()
-  return iter(PackedStreams(ds, batch_size=batch_size, seq_len=seq_len, num_docs=len(docs),
-                            align_documents=align_documents))
+  return iter(PackedStreams(ds, batch_size=batch_size, seq_len=seq_len, num_docs=len(docs), align=align))
 
 
 def test_packed_streams_lay_documents_end_to_end():
@@ -114,11 +113,12 @@ def test_packed_streams_lay_documents_end_to_end():
   assert sorted(taken) == sorted(i % len(docs) for i in range(len(taken)))
 
 
-def test_aligned_documents_lie_whole_in_one_row():
+@pytest.mark.parametrize("unit", [16, 4])
+def test_aligned_documents_start_a_unit_and_lie_whole_in_one_row(unit):
   rng = np.random.default_rng(2)
   docs = _docs(rng.integers(1, 40, 30))[1:]  # not document 0, whose first token would look like padding
   B, T, steps = 2, 16, 40
-  it = _stream_packer(docs, B, T, align_documents=True)
+  it = _stream_packer(docs, B, T, align=unit)
   rows = [next(it) for _ in range(steps)]
   taken = []
   for b in range(B):
@@ -129,8 +129,8 @@ def test_aligned_documents_lie_whole_in_one_row():
     ends = np.append(starts[1:], len(ids))
     for start, end in zip(starts, ends):
       piece = tokens[start:end]
-      if not piece.any():  # padding: only ever the end of a row, without loss
-        assert end % T == 0 and not mask[start:end].any()
+      if not piece.any():  # padding: up to a unit's end, without loss
+        assert end % unit == 0 and not mask[start:end].any()
         continue
       index = piece[0] // 1000 - 1
       doc = docs[index % len(docs)]
@@ -139,23 +139,28 @@ def test_aligned_documents_lie_whole_in_one_row():
         taken.append(index)
       if len(doc) <= T:
         assert start // T == (end - 1) // T, f"document {index} of {len(doc)} tokens split across rows"
-      else:
-        assert start % T == 0, f"document {index} of {len(doc)} tokens does not start a row"
+      if start // unit != (end - 1) // unit:
+        assert start % unit == 0, f"document {index} of {len(doc)} tokens crosses a unit it does not start"
       assert not mask[start] or start % T == 0  # no loss at a first token inside a row
     for row in rows:
       assert row["new_document"][b] == (row["tokens"][b, 0] % 1000 == 0)
   assert sorted(taken) == sorted(i % len(docs) for i in range(len(taken)))  # in order, none skipped
 
 
-@pytest.mark.parametrize("align_documents", [False, True])
-def test_packed_streams_resume_exactly(align_documents):
+def test_alignment_must_divide_the_row():
+  with pytest.raises(ConfigError, match=r"data.align_documents=5: use 0 .* a divisor of train.seq_len=16"):
+    _stream_packer(_docs([3]), 1, 16, align=5)
+
+
+@pytest.mark.parametrize("align", [0, 4])
+def test_packed_streams_resume_exactly(align):
   docs = _docs(np.random.default_rng(1).integers(5, 50, 20))
-  it = _stream_packer(docs, 2, 16, align_documents)
+  it = _stream_packer(docs, 2, 16, align)
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(4)]
-  resumed = _stream_packer(docs, 2, 16, align_documents)
+  resumed = _stream_packer(docs, 2, 16, align)
   resumed.set_state(state)
   for a, b in zip(want, [next(resumed) for _ in range(4)]):
     for k in a:

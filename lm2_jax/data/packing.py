@@ -6,11 +6,14 @@ same row of the next batch, where a memory carried between batches (`data.contin
 Nothing is padded or dropped. A document is an int32 token array, or a dict {'tokens', 'loss_mask'} whose mask
 says which of its tokens carry loss (e.g. only a question's answer).
 
-With `align_documents`, a document that does not fit in what is left of its row starts the next row instead, and
-the rest of the row is padding (token 0, a document id of its own, no loss). A document no longer than T then
-lies whole in one row, so a gradient through the memory (`model.bptt_segments=0`) reaches from its question back
-to every fact before it; split across rows, the memory carried between batches is a constant and no gradient
-crosses the split. A document longer than T still continues in the next row, from a row start.
+With `align` = U > 0 tokens (a divisor of T, e.g. the model's segment length), a document that does not fit in
+what is left of the current U-token unit starts at the next unit instead, and one no longer than T that does not
+fit in what is left of the row starts the next row; what is skipped is padding (token 0, a document id of its
+own, no loss). So a document lies within one unit or starts at a unit's first token, as at evaluation, where each
+prompt starts a segment; and a document no longer than T lies whole in one row, so a gradient through the memory
+(`model.bptt_segments=0`) reaches from its question back to every fact before it (split across rows, the memory
+carried between batches is a constant and no gradient crosses the split). A document longer than T continues in
+the next row.
 
 A batch: {'tokens': int32 [B, T], 'segment_ids': int32 [B, T] (document id, the same for all tokens of one
 document in one stream, > 0), 'loss_mask': bool [B, T] (False at the first token of a document that follows
@@ -39,10 +42,13 @@ class PackedStreams(grain.IterDataset):
   'loss_mask'); `num_docs`: documents in one pass over it (to detect a source of only empty documents)."""
 
   def __init__(self, docs: grain.MapDataset, *, batch_size: int, seq_len: int, num_docs: int, num_threads: int = 2,
-               prefetch: int = 32, align_documents: bool = False):
+               prefetch: int = 32, align: int = 0):
     super().__init__(docs)
+    if not (isinstance(align, int) and align >= 0 and (align == 0 or seq_len % align == 0)):
+      raise ConfigError(f"config.data.align_documents={align!r}: use 0 (documents end to end) or a divisor of "
+                        f"train.seq_len={seq_len}, e.g. model.segment_len")
     self.docs, self.batch_size, self.seq_len, self.num_docs = docs, batch_size, seq_len, num_docs
-    self.align_documents = align_documents
+    self.align = align
     self.num_threads, self.prefetch = num_threads, prefetch
 
   def __iter__(self) -> "PackedStreamsIterator":
@@ -84,17 +90,20 @@ class PackedStreamsIterator(grain.DatasetIterator):
     loss_mask = np.ones((B, T), bool)
     new_document = np.zeros(B, bool)
     for b, stream in enumerate(self._streams):
-      new_document[b] = stream["doc"] < 0 or stream["offset"] == 0  # offset 0: held back by align_documents
+      new_document[b] = stream["doc"] < 0 or stream["offset"] == 0  # offset 0: held back by `align`
       filled = 0
       while filled < T:
         if stream["doc"] < 0:
           stream["doc"], (stream["tokens"], stream["mask"]) = self._next_document()
           stream["offset"], stream["seen"] = 0, stream["seen"] + 1
-          if filled and self._ds.align_documents and len(stream["tokens"]) > T - filled:
-            tokens[b, filled:], loss_mask[b, filled:] = 0, False  # padding, then the document from the next row
-            ids[b, filled:] = stream["seen"] % _MAX_ID + 1
+          pad = self._padding(filled, len(stream["tokens"]))
+          if pad:  # the document starts after `pad` tokens of padding, in this row or (offset 0) the next
+            tokens[b, filled:filled + pad], loss_mask[b, filled:filled + pad] = 0, False
+            ids[b, filled:filled + pad] = stream["seen"] % _MAX_ID + 1
             stream["seen"] += 1
-            break
+            filled += pad
+            if filled == T:
+              break
           if filled:  # a document after another in the row: its first token is not predicted across the boundary
             loss_mask[b, filled] = False
         n = min(T - filled, len(stream["tokens"]) - stream["offset"])
@@ -107,6 +116,14 @@ class PackedStreamsIterator(grain.DatasetIterator):
         if stream["offset"] == len(stream["tokens"]):
           stream["doc"], stream["tokens"], stream["mask"] = -1, None, None
     return {"tokens": tokens, "segment_ids": ids, "loss_mask": loss_mask, "new_document": new_document}
+
+  def _padding(self, filled: int, length: int) -> int:
+    """Tokens of padding before a document of `length` tokens that would start at `filled` (module docstring)."""
+    U, T = self._ds.align, self._ds.seq_len
+    if not U or not filled:
+      return 0
+    pad = -filled % U if length > -filled % U else 0  # to the next unit, unless it fits in the rest of this one
+    return T - filled if length <= T and length > T - filled - pad else pad  # to the next row
 
   def get_state(self) -> dict[str, Any]:
     return {"next_doc": self._next_doc,

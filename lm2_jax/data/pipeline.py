@@ -123,7 +123,7 @@ def babilong_source(config, split: str = "train") -> BabilongSource:
 
 def packed_batches(source: Any, global_batch_size: int, seq_len: int, *, tokenizer: Tokenizer | None = None,
                    shuffle_seed: int | None = None, num_threads: int = 2,
-                   align_documents: bool = False) -> grain.DatasetIterator:
+                   align: int = 0) -> grain.DatasetIterator:
   """Documents of `source` (texts with a tokenizer, or token arrays) -> this process's shard -> shuffled each
   pass when `shuffle_seed` is set -> endless -> packed into continuing streams of `seq_len` tokens."""
   local = _local_batch_size(global_batch_size)
@@ -140,7 +140,7 @@ def packed_batches(source: Any, global_batch_size: int, seq_len: int, *, tokeniz
     eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
     ds = ds.map(lambda text: np.asarray(bos + tokenizer.encode(text) + eos, np.int32))
   return iter(PackedStreams(ds, batch_size=local, seq_len=seq_len, num_docs=num_docs, num_threads=num_threads,
-                            align_documents=align_documents))
+                            align=align))
 
 
 def make_batches(config, *, seed_offset: int = 0) -> grain.DatasetIterator:
@@ -151,7 +151,7 @@ def make_batches(config, *, seed_offset: int = 0) -> grain.DatasetIterator:
   if d.kind == "recall":
     return batches(recall.from_config(config, seed_offset=seed_offset), t.batch_size, shuffle_seed=d.shuffle_seed)
   if d.kind == "babilong":  # every document is its own seeded draw: nothing to shuffle
-    return packed_batches(babilong_source(config), t.batch_size, t.seq_len, align_documents=d.align_documents)
+    return packed_batches(babilong_source(config), t.batch_size, t.seq_len, align=d.align_documents)
   source = document_source(d)
   return packed_batches(source, t.batch_size, t.seq_len, tokenizer=tokenizer_for(config),
-                        shuffle_seed=d.shuffle_seed, align_documents=d.align_documents)
+                        shuffle_seed=d.shuffle_seed, align=d.align_documents)
