@@ -191,3 +191,12 @@ def test_accuracy_records_each_answer_with_its_distance_from_the_fact(tok):
       upto = sample["context"][:sample["context"].rindex(fact) + len(fact)]
       assert abs(distance - (len(prompt) - 1 - len(tok.encode(upto)))) <= 2
   assert max(d for d, _ in got["fact_distance"]["qa1"]["256"]) > max(d for d, _ in got["fact_distance"]["qa1"]["0"])
+
+
+def test_qa1_error_classes():
+  from benchmarks.babilong_errors import classify
+  sample = {"answer": "garden", "question": "Where is Mary?", "fact_positions": [0, 2, 3],
+            "sentences": ["Mary went to the kitchen.", "The sky was grey.", "John moved to the office.",
+                          "Mary journeyed to the garden."]}
+  assert [classify(sample, g) for g in (" garden.", " kitchen.", " office.", " hallway.", " sky.")] == [
+      "right", "earlier place of the person", "place of another person", "other", "other"]
