@@ -6,7 +6,7 @@
 `get_config(kind)` builds the family (`configs/babilong_<kind>.py` call it): 4 layers, d_model 64, 128-token
 segments, trained on qa1 BABILong samples (loss on the answers; `--config.data.tasks=qa1,qa2,qa3,qa4,qa5` for the
 mixture) with a curriculum from the bare bAbI stories (0K) to 1,920 tokens of distractor text (1 to 16 segments),
-for 2000 steps of 2 x 2048 tokens.
+for 1500 steps of 2 x 2048 tokens (6.1M tokens).
 
 Every sample lies whole in one 2,048-token row and starts a segment (`data.align_documents`), and gradients flow
 through the memory across all its segments (`model.bptt_segments=0`): the question's loss reaches back to the
@@ -49,13 +49,13 @@ def _base():
   d.kind = "babilong"
   d.tokenizer = "workdir/babilong/spm.model"  # trained here on built-in text on first use
   d.tasks = "qa1"
-  d.curriculum = "0:0,256,512 10000:0,512,1024,1920"  # about steps 0-800, then 1 to 16 segments
+  d.curriculum = "0:0,256,512 7500:0,512,1024,1920"  # about steps 0-600, then 1 to 16 segments
   d.align_documents = 128  # a sample starts a segment, as at evaluation, and never crosses a row
   d.continuing_stream = True  # a sample longer than a row (none in training) continues in the next batch
   d.seed = 0
 
   t = config.train
-  t.steps = 2000
+  t.steps = 1500
   t.batch_size = 2
   t.seq_len = 2048
   t.learning_rate = 3e-3
@@ -66,7 +66,7 @@ def _base():
   config.checkpoint.keep = 1
 
   config.eval.lengths = "0,1024,2048,4096,8192,16384"
-  config.eval.samples = 20
+  config.eval.samples = 100
   return config
 
 
