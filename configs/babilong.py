@@ -4,19 +4,10 @@
     python -m launch.train --config=configs/babilong_lm2.py --workdir=workdir/babilong/lm2
 
 `get_config(kind)` builds the family (`configs/babilong_<kind>.py` call it): 4 layers, d_model 64, 128-token
-segments, trained on qa1 BABILong samples (loss on the answers; `--config.data.tasks=qa1,qa2,qa3,qa4,qa5` for the
-mixture) with a curriculum from the bare bAbI stories (0K) to 1,920 tokens of distractor text (1 to 16 segments),
-for 1500 steps of 2 x 2048 tokens (6.1M tokens).
-
-Every sample lies whole in one 2,048-token row and starts a segment (`data.align_documents`), and gradients flow
-through the memory across all its segments (`model.bptt_segments=0`): the question's loss reaches back to the
-facts however far before it they are (issue 11, hypothesis 1). Until 2026-11-23 the family trained on the
-qa1-qa5 mixture in 8 x 512-token rows laid end to end, 1000 steps: a sample longer than what was left of a row
-continued in the next batch, where the carried memory is a constant, so no gradient crossed from a question to a
-fact in the previous row. lm2 and hierarchical write through a per-token write gate and start their forget gates
-at +3 (`memory.write_gate`, `memory.forget_bias`; lm2.py). Remat (full) and 4 unrolled segments per scan
-iteration make the CPU step faster (README, Performance). Every kind is brought to the parameter count of `lm2`
-by widening the feed-forward layers (`match_parameters`), so rows compare like with like.
+segments, trained on qa1-qa5 BABILong samples packed as continuing streams (loss on the answers), with a
+curriculum from the bare bAbI stories (0K) to 1K tokens of distractor text: 1000 steps of 8 x 512 tokens, sized
+to train each kind in 10-20 minutes on a 2-core CPU. Every kind is brought to the parameter count of `lm2` by
+widening the feed-forward layers (`match_parameters`), so rows compare like with like.
 Kinds: lm2, hierarchical, rmt, armt, none (window: one segment), full (none with attention over the whole input at
 evaluation; trained like none but with 512-token windows, a whole training row).
 """
@@ -37,27 +28,22 @@ def _base():
   m.d_ff = 256
   m.segment_len = 128
   m.bptt_segments = 0
-  m.remat_policy = "full"
-  m.segment_unroll = 4
   m.memory.num_heads = 4
   m.memory.num_slots = 16
   m.memory.update(dict(general_slots=8, num_banks=16, bank_slots=8, top_k=1, write_tokens=8))
-  m.memory.write_gate = True  # lm2, hierarchical
-  m.memory.forget_bias = 3.0  # lm2, hierarchical: a slot keeps sigmoid(3) = 0.95 of itself per segment at first
 
   d = config.data
   d.kind = "babilong"
   d.tokenizer = "workdir/babilong/spm.model"  # trained here on built-in text on first use
-  d.tasks = "qa1"
-  d.curriculum = "0:0,256,512 7500:0,512,1024,1920"  # about steps 0-600, then 1 to 16 segments
-  d.align_documents = 128  # a sample starts a segment, as at evaluation, and never crosses a row
-  d.continuing_stream = True  # a sample longer than a row (none in training) continues in the next batch
+  d.tasks = "qa1,qa2,qa3,qa4,qa5"
+  d.curriculum = "0:0 16000:0,256,512 20000:0,512,1024"  # about steps 0-400, 400-700, 700-1000
+  d.continuing_stream = True  # a sample longer than a row continues in the next batch, with its memory
   d.seed = 0
 
   t = config.train
-  t.steps = 1500
-  t.batch_size = 2
-  t.seq_len = 2048
+  t.steps = 1000
+  t.batch_size = 8
+  t.seq_len = 512
   t.learning_rate = 3e-3
   t.warmup_steps = 50
   t.weight_decay = 0.01
@@ -66,7 +52,7 @@ def _base():
   config.checkpoint.keep = 1
 
   config.eval.lengths = "0,1024,2048,4096,8192,16384"
-  config.eval.samples = 100
+  config.eval.samples = 20
   return config
 
 
@@ -76,13 +62,12 @@ def count_parameters(model_config) -> int:
 
 
 def match_parameters(config, target: int) -> None:
-  """Sets model.d_ff (a multiple of 4) so that the parameter count is as close as possible to `target` (a step of
-  8 missed by up to 1% once lm2 had its write gate)."""
+  """Sets model.d_ff (a multiple of 8) so that the parameter count is as close as possible to `target`."""
   m = config.model
   low = count_parameters(m)
-  m.d_ff += 4
+  m.d_ff += 8
   per_step = count_parameters(m) - low
-  m.d_ff = max(4, m.d_ff - 4 + round((target - low) / per_step) * 4)
+  m.d_ff = max(8, m.d_ff - 8 + round((target - low) / per_step) * 8)
 
 
 def get_config(kind: str = "lm2"):
