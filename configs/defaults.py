@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   # BABILong (kind 'babilong'; lm2_jax.data.babi.training), seeded by data.seed:
   config.data.tasks = "qa1,qa2,qa3,qa4,qa5"  # bAbI tasks, drawn round-robin
   config.data.curriculum = "0:0"        # 'from_sample:lengths ...': lengths (tokens) drawn per sample, by stage
+  config.data.questions = 1             # qa1 only: questions per training sample (more ask about other people)
   config.data.distractor = ""           # '': built-in prose; a folder of .txt files (e.g. PG19 books); or
                                         # 'tfds:NAME' (e.g. tfds:pg19, prepared offline; tfds_* fields below)
   # The recall task (kind 'recall'):

@@ -200,3 +200,31 @@ def test_qa1_error_classes():
                           "Mary journeyed to the garden."]}
   assert [classify(sample, g) for g in (" garden.", " kitchen.", " office.", " hallway.", " sky.")] == [
       "right", "earlier place of the person", "place of another person", "other", "other"]
+
+
+def test_further_qa1_questions_ask_about_the_same_story_in_the_same_split(tok):
+  from lm2_jax.data.babi.tasks import split_of
+  from lm2_jax.data.babi.training import qa1_answers
+  for s in generate("qa1", 50, seed=3, split="train"):  # the text rule agrees with the generator's world
+    assert qa1_answers(s["story"])[s["question"].split()[-1][:-1]] == s["answer"]
+  one = BabilongSource(tok, tasks=("qa1",), curriculum=parse_curriculum("0:0 4:256"), seed=0)
+  four = BabilongSource(tok, tasks=("qa1",), curriculum=parse_curriculum("0:0 4:256"), seed=0, questions=4)
+  extra = 0
+  for i in range(8):
+    base, doc = one[i], four[i]
+    n = len(base["tokens"]) - 1  # the one-question document, up to its eos, starts the longer one
+    np.testing.assert_array_equal(doc["tokens"][:n], base["tokens"][:n])
+    np.testing.assert_array_equal(doc["loss_mask"][:n], base["loss_mask"][:n])
+    text = tok.decode(doc["tokens"][n:].tolist())
+    story = generate("qa1", i + 1, seed=0, split="train")[i]["story"]
+    pairs = [p.strip() for p in text.split("Answer:")]
+    questions = [q.split(".")[-1].strip() for q in pairs[:-1]]  # the question closing each part
+    for q, part in zip(questions, pairs[1:]):
+      assert split_of("qa1", story, q) == "train"
+      assert part.split(".")[0] == qa1_answers(story)[q.split()[-1][:-1]]
+    extra += len(questions)
+    answers = tok.decode(doc["tokens"][doc["loss_mask"]].tolist())
+    assert answers.count(".") == 1 + len(questions) and doc["tokens"][-1] == tok.eos_id and doc["loss_mask"][-1]
+  assert extra > 8  # most stories have more than one other person in the train split
+  with pytest.raises(ConfigError, match="data.questions=2: use 1, or more with data.tasks='qa1' only"):
+    BabilongSource(tok, tasks=("qa1", "qa2"), curriculum=parse_curriculum("0:0"), questions=2)

@@ -118,7 +118,7 @@ def babilong_source(config, split: str = "train") -> BabilongSource:
   d = config.data
   return BabilongSource(babilong_tokenizer(config), tasks=babilong_tasks(config),
                         curriculum=parse_curriculum(d.curriculum), seed=d.seed, split=split,
-                        distractor=babilong_distractor(d, split))
+                        distractor=babilong_distractor(d, split), questions=d.questions)
 
 
 def packed_batches(source: Any, global_batch_size: int, seq_len: int, *, tokenizer: Tokenizer | None = None,

@@ -7,6 +7,12 @@ A sample is encoded as one document: `[bos] context question " Answer:"` (the pr
     source = BabilongSource(tok, tasks=("qa1", "qa2"), curriculum=parse_curriculum("0:0 5000:0,512"), seed=0)
     source[i]  # {'tokens': int32 [n], 'loss_mask': bool [n]}: sample i, a pure function of (seed, i)
 
+With `questions` = k > 1 (qa1 only), a training document asks up to k - 1 further questions about the same
+story after the first answer, each about another person in it and each a (story, question) pair of the document's
+own split: `[bos] context question " Answer:" " answer." question2 " Answer:" " answer2." ... [eos]`, loss on
+every answer. The first question and answer are the evaluation's format; the others train the model to bind a
+place to the name asked about, which one question per story teaches slowly (benchmarks/babilong_errors.py).
+
 The curriculum lists stages `from_sample:lengths`: sample i draws its target length (tokens of `tok`)
 uniformly from the lengths of the last stage that starts at or before i, and its task round-robin from `tasks`.
 Lengths are met within 2%, or within 10% for the rare sample whose sentences cannot be fitted closer.
@@ -21,7 +27,7 @@ import numpy as np
 
 from lm2_jax.data.babi.babilong import make_sample
 from lm2_jax.data.babi.prose import generate_prose
-from lm2_jax.data.babi.tasks import TASKS, generate, sample
+from lm2_jax.data.babi.tasks import TASKS, generate, sample, split_of
 from lm2_jax.data.tokenizer import Tokenizer, train_tokenizer
 from lm2_jax.model.config import ConfigError
 
@@ -52,6 +58,24 @@ def encode_sample(tok: Tokenizer, long_sample: dict) -> dict[str, np.ndarray]:
   return {"tokens": np.asarray(prompt + target, np.int32), "loss_mask": mask}
 
 
+def qa1_answers(story: list[str]) -> dict[str, str]:
+  """Where each person of a qa1 story is: the place of their last move (every qa1 sentence is 'Person verb the
+  place.')."""
+  return {sentence.split()[0]: sentence.rstrip(".").split()[-1] for sentence in story}
+
+
+def further_questions(babi: dict, count: int, split: str, rng: np.random.Generator) -> list[tuple[str, str]]:
+  """Up to `count` (question, answer) pairs about other people of a qa1 sample's story, in random order, each a
+  (story, question) pair of `split`, so that no pair of the other split is trained on."""
+  asked = babi["question"].split()[-1].rstrip("?")
+  out = []
+  for person, place in sorted(qa1_answers(babi["story"]).items(), key=lambda _: rng.random()):
+    question = f"Where is {person}?"
+    if person != asked and len(out) < count and split_of("qa1", babi["story"], question) == split:
+      out.append((question, place))
+  return out
+
+
 def parse_curriculum(text: str) -> tuple[tuple[int, tuple[int, ...]], ...]:
   """'0:0 20000:0,512' -> ((0, (0,)), (20000, (0, 512))); stages in increasing order, the first at 0."""
   fix = ("write stages 'from_sample:length,length,...' separated by spaces, the first from sample 0, e.g. "
@@ -72,14 +96,18 @@ def parse_curriculum(text: str) -> tuple[tuple[int, tuple[int, ...]], ...]:
 class BabilongSource:
   """Endless random-access BABILong training documents (see the module docstring)."""
 
-  def __init__(self, tok: Tokenizer, *, tasks, curriculum, seed: int = 0, split: str = "train", distractor=None):
+  def __init__(self, tok: Tokenizer, *, tasks, curriculum, seed: int = 0, split: str = "train", distractor=None,
+               questions: int = 1):
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
       raise ConfigError(f"config.data.tasks={','.join(tasks)!r}: {unknown or 'empty'}; use tasks among "
                         f"{sorted(TASKS)}, comma-separated")
+    if not (isinstance(questions, int) and questions >= 1) or (questions > 1 and tasks != ("qa1",)):
+      raise ConfigError(f"config.data.questions={questions!r}: use 1, or more with data.tasks='qa1' only "
+                        f"(data.tasks={','.join(tasks)!r})")
     self.tok, self.tasks, self.curriculum, self.seed, self.split = tok, tasks, tuple(curriculum), seed, split
-    self.distractor = distractor
+    self.distractor, self.questions = distractor, questions
 
   def __len__(self) -> int:
     return _UNBOUNDED
@@ -97,7 +125,18 @@ class BabilongSource:
       long = make_sample(babi, target, self.distractor, rng, self.tok.count)
     except RuntimeError:  # no whole-sentence fill within 2%: for training, 10% is as good
       long = make_sample(babi, target, self.distractor, rng, self.tok.count, tolerance=0.1)
-    return encode_sample(self.tok, long)
+    doc = encode_sample(self.tok, long)
+    more = further_questions(babi, self.questions - 1, self.split, rng) if self.questions > 1 else []
+    if not more:
+      return doc
+    tokens, mask = [doc["tokens"][:-1]], [doc["loss_mask"][:-1]]  # all but eos
+    for question, answer in more:
+      cue, target = self.tok.encode(f" {question}{ANSWER_CUE}"), self.tok.encode(target_text(answer))
+      tokens += [cue, target]
+      mask += [np.zeros(len(cue), bool), np.ones(len(target), bool)]
+    tokens.append([self.tok.eos_id])
+    mask.append([True])
+    return {"tokens": np.concatenate(tokens).astype(np.int32), "loss_mask": np.concatenate(mask).astype(bool)}
 
 
 def ensure_tokenizer(path: str, vocab_size: int) -> Tokenizer:
