@@ -153,8 +153,8 @@ DISTANCE_BINS = (0, 128, 512, 1024, 2048, 4096, 8192, 16384, 1 << 40)  # tokens 
 
 
 def accuracy_by_distance(result: dict, bins: Sequence[int] = DISTANCE_BINS) -> list[tuple]:
-  """Retention: (from, to, accuracy or None, samples) per bin of `fact_distance` (tokens after the last supporting fact),
-  pooled over the tasks and lengths of one model's result."""
+  """Retention: (from, to, accuracy or None, samples) per bin of `fact_distance` (tokens after the last
+  supporting fact), pooled over the tasks and lengths of one model's result."""
   pairs = np.array([p for per_task in result.get("fact_distance", {}).values() for per_length in per_task.values()
                     for p in per_length], float).reshape(-1, 2)
   rows = []
