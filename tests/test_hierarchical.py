@@ -163,8 +163,16 @@ def test_balance_loss_counts_picks_and_probabilities_over_the_same_tokens(produc
   np.testing.assert_allclose(losses["balance"], np.mean(want), rtol=1e-4)
 
 
-def test_gradients_reach_every_parameter_and_balance_loss_enters_aux():
-  model, params = build(tiny_config("hierarchical", bptt_segments=3))
+@pytest.mark.parametrize("write_gate", [False, True])
+def test_gradients_reach_every_parameter_and_balance_loss_enters_aux(write_gate):
+  """With memory.write_gate and forget_bias, the general level takes them (lm2.py; the equations in
+  test_lm2_memory.py)."""
+  model, params = build(tiny_config("hierarchical", bptt_segments=3, memory_write_gate=write_gate,
+                                    memory_forget_bias=3.0 if write_gate else 1.0))
+  biases = [v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+            if "general" in jax.tree_util.keystr(k) and "forget_gate" in jax.tree_util.keystr(k)
+            and "bias" in jax.tree_util.keystr(k)]
+  assert biases and all(np.all(np.asarray(v) == (3.0 if write_gate else 1.0)) for v in biases)
   tokens = random_tokens(0, (2, 3 * 8))
   w = jax.random.normal(jax.random.key(1), (2, 3 * 8, 64))
 
@@ -176,6 +184,7 @@ def test_gradients_reach_every_parameter_and_balance_loss_enters_aux():
   leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]
             if "'memory'" in jax.tree_util.keystr(k)}
   assert any("bank_keys" in k for k in leaves) and any("salience" in k for k in leaves)
+  assert any("'general'" in k and "write_gate" in k for k in leaves) == write_gate
   for name, g in leaves.items():
     assert np.abs(np.asarray(g)).max() > 0, name
 
