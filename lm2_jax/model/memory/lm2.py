@@ -20,8 +20,9 @@ write (after the segment; each token writes into the slots it addresses):
     U       = softmax_N(wscores)^T (w * X Wu)     so text that should not be kept can write nothing
 
 The gates g_in and g_f are per slot: they see what the segment wrote into a slot, not which token wrote it, so
-without the write gate every token of a long distractor text writes into the memory at every segment, and a slot
-keeps sigmoid(b_f) ~ 0.73 of itself per segment at the default bias (~0.08 after 8 segments). The write gate (as
+without the write gate every token of a long distractor text writes into the memory at every segment, and at
+initialisation a slot keeps about sigmoid(b_f) ~ 0.73 of itself per segment with the default bias (~0.08 after 8
+segments). The write gate (as
 ARMT's beta and Titans' theta) lets a token's content decide whether it is written; a larger forget bias (a
 "chrono" initialisation, Tallec & Ollivier 2018) starts the slots out keeping what they hold.
 
