@@ -85,6 +85,13 @@ def _stream_packer(docs, batch_size, seq_len, align=0):
   return iter(PackedStreams(ds, batch_size=batch_size, seq_len=seq_len, num_docs=len(docs), align=align))
 
 
+def _stream(rows, b):
+  """Stream b of the batches `rows`, end to end: (tokens, document ids, loss mask, where the document id
+  changes)."""
+  tokens, ids, mask = (np.concatenate([r[k][b] for r in rows]) for k in ("tokens", "segment_ids", "loss_mask"))
+  return tokens, ids, mask, np.flatnonzero(np.diff(ids, prepend=-1))
+
+
 def test_packed_streams_lay_documents_end_to_end():
   rng = np.random.default_rng(0)
   docs = _docs(rng.integers(1, 40, 30))
@@ -93,10 +100,7 @@ def test_packed_streams_lay_documents_end_to_end():
   rows = [next(it) for _ in range(steps)]
   taken = []
   for b in range(B):
-    tokens = np.concatenate([r["tokens"][b] for r in rows])
-    ids = np.concatenate([r["segment_ids"][b] for r in rows])
-    mask = np.concatenate([r["loss_mask"][b] for r in rows])
-    starts = np.flatnonzero(np.diff(ids, prepend=-1))  # where the document id changes
+    tokens, ids, mask, starts = _stream(rows, b)
     pieces = np.split(tokens, starts[1:])
     for k, piece in enumerate(pieces):
       index = piece[0] // 1000
@@ -122,10 +126,7 @@ def test_aligned_documents_start_a_unit_and_lie_whole_in_one_row(unit):
   rows = [next(it) for _ in range(steps)]
   taken = []
   for b in range(B):
-    tokens = np.concatenate([r["tokens"][b] for r in rows])
-    ids = np.concatenate([r["segment_ids"][b] for r in rows])
-    mask = np.concatenate([r["loss_mask"][b] for r in rows])
-    starts = np.flatnonzero(np.diff(ids, prepend=-1))
+    tokens, ids, mask, starts = _stream(rows, b)
     ends = np.append(starts[1:], len(ids))
     for start, end in zip(starts, ends):
       piece = tokens[start:end]
