@@ -13,9 +13,10 @@ AdamW (weight decay 0.01) with `warmup_steps` of warmup and cosine decay. Data:
 lm2_jax.data.babi.training.BabilongSource('qa1', curriculum '0:0'), loss on the answer, its '.' and eos (as
 the trainer's `loss_mask`).
 
-Printed every `eval_every` steps: the training loss of the last batch and the accuracy of the answer's first
-token, teacher-forced (argmax after " Answer:"), on 500 test-split samples, and the share of those whose answer
-is the latest place in the story (what a model that ignores the name scores).
+Printed once: the share of the 500 test-split samples whose answer is the latest place in the story (what a
+model that ignores the name scores). Then every `eval_every` steps: the training loss of the last batch, the
+accuracy of the answer's first token on those samples, teacher-forced (argmax after " Answer:"), and how often
+the model's answer is the latest place.
 
 A curriculum for the first `curriculum_steps` steps, then the plain distribution:
   --max_sentences=N   train only on stories of at most N sentences;
