@@ -1,24 +1,25 @@
 r"""BABILong benchmark: trains each memory kind of configs/babilong.py with the same budget, then evaluates greedy
 answers by task and length.
 
-  python -m benchmarks.babilong [--kinds=lm2,hierarchical,rmt,none,full] [--workdir=workdir/babilong]
+  python -m benchmarks.babilong [--kinds=lm2,rmt,none,...] [--workdir=workdir/babilong]
       [--lengths=0,1024,2048,4096,8192,16384] [--samples=20] [--steps=N] [--tasks=qa1] [--curriculum=...]
 
-Each kind trains in WORKDIR/<kind> (resuming from its checkpoints) and is evaluated on the same test samples;
-its results go to WORKDIR/<kind>/babilong_result.json and are reused by a later run with the same steps, lengths,
-samples, tasks and curriculum (so kinds can be run in separate processes, then gathered by a run over all of
-them). A workdir trained on other tasks or another curriculum is refused: use a new --workdir. Prints the
-table in the layout of LM2's Table 1 and writes WORKDIR/babilong.{json,md,png}.
+--kinds defaults to every kind of the family (configs/babilong.py: KINDS). Each kind trains in WORKDIR/<kind>
+(resuming from its checkpoints) and is evaluated on the same test samples; its results go to
+WORKDIR/<kind>/babilong_result.json and are reused by a later run with the same steps, lengths, samples, tasks
+and curriculum (so kinds can be run in separate processes, then gathered by a run over all of them). A workdir
+trained on other tasks or another curriculum is refused: use a new --workdir. Prints the table in the layout of
+LM2's Table 1 and writes WORKDIR/babilong.{json,md,png}.
 """
 
 import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from configs import babilong as family
-from launch import compile_cache
+from launch import cli
 from lm2_jax.data.pipeline import babilong_tasks
 from lm2_jax.evaluate.babilong import babilong_results, write_report
 from lm2_jax.model import count_params
@@ -60,7 +61,6 @@ def _check_same_data(workdir: str, config) -> None:
 
 def main(argv):
   del argv
-  compile_cache.enable()
   models, budget = {}, {}
   for kind in _KINDS.value:
     config = family.get_config(kind)
@@ -104,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,13 +8,14 @@ segments, trained on qa1-qa5 BABILong samples packed as continuing streams (loss
 curriculum from the bare bAbI stories (0K) to 1K tokens of distractor text: 1000 steps of 8 x 512 tokens, sized
 to train each kind in 10-20 minutes on a 2-core CPU. Every kind is brought to the parameter count of `lm2` by
 widening the feed-forward layers (`match_parameters`), so rows compare like with like.
-Kinds: lm2, hierarchical, rmt, armt, none (window: one segment), full (none with attention over the whole input at
-evaluation; trained like none but with 512-token windows, a whole training row).
+Kinds: lm2, hierarchical, rmt, armt, titans, hmt, memoryllm, mplus (each at its defaults in configs/defaults.py
+apart from the memory fields set here), none (window: one segment), full (none with attention over the whole input
+at evaluation; trained like none but with 512-token windows, a whole training row).
 """
 
 from configs import defaults
 
-KINDS = ("lm2", "hierarchical", "rmt", "armt", "none", "full")
+KINDS = ("lm2", "hierarchical", "rmt", "armt", "titans", "hmt", "memoryllm", "mplus", "none", "full")
 
 
 def _base():

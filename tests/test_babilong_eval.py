@@ -146,7 +146,10 @@ def test_accuracy_by_distance_pools_tasks_and_lengths_per_bin(tmp_path):
 
 def test_family_has_equal_parameter_counts():
   counts = {kind: family.count_parameters(family.get_config(kind).model) for kind in family.KINDS}
-  assert max(counts.values()) / min(counts.values()) < 1.01, counts
+  m = family.get_config("lm2").model
+  d_ff_step = 3 * m.d_model * 8 * m.num_layers  # SwiGLU gate, up and down weights for 8 more d_ff units per layer
+  for kind, count in counts.items():  # the closest a d_ff in steps of 8 can come to lm2's count
+    assert abs(count - counts["lm2"]) <= d_ff_step / 2, (kind, counts)
   assert family.get_config("full").eval.full_attention and family.get_config("full").model.memory.kind == "none"
 
 

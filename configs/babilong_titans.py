@@ -1,0 +1,7 @@
+"""BABILong benchmark: memory kind titans (configs/babilong.py has the family)."""
+
+from configs import babilong
+
+
+def get_config():
+  return babilong.get_config("titans")
