@@ -4,11 +4,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from helpers import build, forward, logits_fn, random_tokens, tiny_config
 from lm2_jax.model import LM2Model, count_params, scan_layout, unscan_layout
+from lm2_jax.train.loss import next_token_loss
 
 SEG = 8  # tiny_config's segment_len
 
@@ -194,8 +194,7 @@ def test_gradients_are_finite_when_a_document_starts_mid_segment(kind):
   ids = jnp.where(jnp.arange(4 * SEG) < 2 * SEG + 5, 7, 9)[None].repeat(2, 0)
 
   def loss(p):
-    logits = model.apply({"params": p}, tokens, None, segment_ids=ids)[0]
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    return next_token_loss(model.apply({"params": p}, tokens, None, segment_ids=ids)[0], tokens)[0]
 
   grads = jax.jit(jax.grad(loss))(params)
   bad = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(grads) if not np.isfinite(g).all()]

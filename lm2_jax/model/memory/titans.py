@@ -134,7 +134,8 @@ def chunk_update(w0, dw, s, k_BRcE, v_BRcE, w_Bc, eta_BR, theta_BR, alpha_BR, ta
   g = jax.grad(loss)([jax.lax.stop_gradient(a[None] + b) for a, b in zip(w0, dw)])
   # A chunk with no written token has g = 0; sqrt's derivative at 0 would turn its zero cotangent into NaN.
   sq_BR = sum(jnp.sum(x * x, axis=(-2, -1)) for x in g)
-  norm_BR = jnp.where(sq_BR > 0, jnp.sqrt(jnp.where(sq_BR > 0, sq_BR, 1.0)), 0.0)
+  nonzero_BR = sq_BR > 0
+  norm_BR = jnp.where(nonzero_BR, jnp.sqrt(jnp.where(nonzero_BR, sq_BR, 1.0)), 0.0)
   clip_BR = jnp.minimum(1.0, tau / jnp.maximum(norm_BR, 1e-12))
   col = lambda x_BR: x_BR[..., None, None]
   new_s = [col(eta_BR) * si - col(theta_BR * clip_BR) * gi for si, gi in zip(s, g)]
