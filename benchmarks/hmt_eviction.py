@@ -29,14 +29,17 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from launch import compile_cache
+from launch import cli
+from lm2_jax.data.babi.training import parse_curriculum
 from lm2_jax.model import LM2Model, init_params
+from lm2_jax.model.config import ConfigError
 from lm2_jax.model.config import default_model_config
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model init and data).")
 _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per arm and seed.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Rows per step.")
 _LR = flags.DEFINE_float("lr", 5e-3, "Adam learning rate.")
+_CLIP = flags.DEFINE_float("clip_norm", 0.0, "Clip the gradient to this global norm before Adam (0: no clipping).")
 _CACHE = flags.DEFINE_integer("cache_size", 2, "Cached memory embeddings N.")
 _EVAL = flags.DEFINE_integer("eval_rows", 512, "Evaluation rows per gap.")
 _ARMS = flags.DEFINE_list("arms", ["fifo", "learned"], "Eviction rules to train.")
@@ -45,6 +48,9 @@ _FORMAT = flags.DEFINE_enum("format", "value", ["value", "pairs"], "Needle: one 
 _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments per row (the needle is 0 .. segments - 2 before the query).")
 _DISTRACTORS = flags.DEFINE_enum("distractors", "values", ["values", "filler"],
                                  "Other segments: [other-marker, a random value repeated] (interference) or filler.")
+_GAPS = flags.DEFINE_string("gap_curriculum", None,
+                            "Training gaps by step, 'from_step:gap,gap,... ...' (e.g. '0:0,1 1500:0,1,2,3,4,5,6'); "
+                            "default: gaps 0 .. segments - 2 throughout.")
 _OUT = flags.DEFINE_string("out", "benchmarks/hmt_eviction.json", "Where the results go (JSON).")
 
 SEG = 16
@@ -89,10 +95,26 @@ def make_batch(rng: np.random.Generator, rows: int, gaps=None):
   return tokens.astype(np.int32), np.full(rows, q + 1), values[r, ask], gap
 
 
+def gap_stages():
+  """--gap_curriculum as ((from_step, gaps), ...), or None (gaps uniform in 0 .. segments - 2)."""
+  if _GAPS.value is None:
+    return None
+  try:
+    stages = parse_curriculum(_GAPS.value)
+  except ConfigError:
+    stages = ()
+  if not stages or max(max(gs) for _, gs in stages) > _SEGMENTS.value - 2:
+    raise app.UsageError(f"--gap_curriculum={_GAPS.value!r}: write stages 'from_step:gap,gap,...' separated by "
+                         f"spaces, the first from step 0, gaps in 0 .. segments - 2 = {_SEGMENTS.value - 2}")
+  return stages
+
+
 def run_arm(eviction: str, seed: int) -> dict:
   model = LM2Model(model_config(eviction))
   params = init_params(model, jax.random.key(seed))
   opt = optax.adam(_LR.value)
+  if _CLIP.value > 0:
+    opt = optax.chain(optax.clip_by_global_norm(_CLIP.value), opt)
   opt_state = opt.init(params)
 
   def answer_logits(p, tokens, pos):
@@ -116,9 +138,11 @@ def run_arm(eviction: str, seed: int) -> dict:
     return (logits.argmax(-1) == answer).mean(), aux["memory_stats"]
 
   rng = np.random.default_rng(seed)
+  stages = gap_stages()
   t0, log = time.time(), []
   for i in range(_STEPS.value):
-    tokens, pos, answer, _ = make_batch(rng, _BATCH.value)
+    gaps = None if stages is None else rng.choice([gs for s, gs in stages if s <= i][-1], size=_BATCH.value)
+    tokens, pos, answer, _ = make_batch(rng, _BATCH.value, gaps)
     params, opt_state, ce, losses = step(params, opt_state, tokens, pos, answer)
     if i % 100 == 0 or i == _STEPS.value - 1:
       log.append((i, float(ce), {k: float(v) for k, v in losses.items()}))
@@ -137,7 +161,6 @@ def run_arm(eviction: str, seed: int) -> dict:
 
 
 def main(_):
-  compile_cache.enable()
   results = []
   for seed in [int(s) for s in _SEEDS.value]:
     for eviction in _ARMS.value:
@@ -154,4 +177,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,9 @@ def get_config():
   m.memory.kind = "lm2"
   m.memory.num_slots = 32  # 16 recalled 0.77 after 1500 steps: 6 pairs collide in fewer slots
   m.memory.num_heads = 4
+  # For `--kinds=hmt`: the model defaults' 128-token summary does not fit a 32-token segment.
+  m.memory.sensory_tokens = 8
+  m.memory.summary_tokens = 8
 
   d = config.data
   d.kind = "recall"
