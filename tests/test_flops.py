@@ -9,7 +9,9 @@
 2. A brute-force count of the matmuls in the traced program (every dot_general in the jaxpr, 2 x output size x
    contracted size, times the trip count of each enclosing scan), on rows of several segments with scanned
    layers: exactly the formula for `none`, `rmt`, `armt` and `hmt`; for `lm2` the traced program also projects the slot keys a
-   second time in the write (XLA merges the two), 2 N S^2 / L per memory layer more than the formula.
+   second time in the write (XLA merges the two), 2 N S^2 / L per memory layer more than the formula; for
+   `memoryllm` and `mplus` the self-update pass projects q, k, v of the same input again (2 D E (H + 2G) per
+   memory layer), and `mplus` computes two statistics by einsum (2 C + 2 R).
 """
 
 import json
@@ -27,6 +29,8 @@ from lm2_jax.train.flops import forward_flops_per_token, train_flops_per_token
 HIERARCHICAL = dict(general_slots=8, num_banks=4, bank_slots=8, top_k=2, write_tokens=4, capacity_factor=1.0)
 HMT = dict(sensory_tokens=4, summary_tokens=8, cache_size=3, eviction="fifo")
 HMT_LEARNED = {**HMT, "eviction": "learned"}
+MEMORYLLM = dict(update_tokens=4)
+MPLUS = dict(update_tokens=4, retrieve_tokens=4, ltm_capacity=16, retriever_dim=32)
 
 
 def _config(kind, segment_len, scan_layers, **memory):
@@ -62,7 +66,8 @@ def _matmul_flops(jaxpr, trips=1):
 
 
 @pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("rmt", {}), ("armt", {}), ("hierarchical", HIERARCHICAL),
-                                         ("hierarchical", {**HIERARCHICAL, "num_banks": 16, "product_keys": True})])
+                                         ("hierarchical", {**HIERARCHICAL, "num_banks": 16, "product_keys": True}),
+                                         ("memoryllm", MEMORYLLM), ("mplus", MPLUS)])
 def test_formula_matches_xla_cost_analysis(kind, memory):
   batch, length = 2, 64
   model, forward, params = _forward(_config(kind, length, False, **memory), batch, length)
@@ -73,15 +78,23 @@ def test_formula_matches_xla_cost_analysis(kind, memory):
 
 
 @pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("lm2", {"write_gate": True}), ("rmt", {}),
-                                         ("armt", {}), ("hmt", HMT), ("hmt", HMT_LEARNED)])
+                                         ("armt", {}), ("hmt", HMT), ("hmt", HMT_LEARNED),
+                                         ("memoryllm", MEMORYLLM), ("mplus", MPLUS)])
 def test_formula_matches_matmuls_of_traced_program(kind, memory):
   batch, length, segment = 2, 96, 32
   model, forward, params = _forward(_config(kind, segment, True, **memory), batch, length)
   traced = _matmul_flops(jax.make_jaxpr(forward)(params).jaxpr) / (batch * length)
   cfg = model.config
-  second_key_projection = 2 * 8 * 128 ** 2 / segment * cfg.num_layers if kind == "lm2" else 0
+  d, h, g, e, memory_layers = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, len(cfg.memory.layers)
+  not_model_flops = {  # matmuls the traced program has and the formula rightly leaves out
+      "lm2": 2 * 8 * d ** 2 / segment * cfg.num_layers,  # the slot keys projected a second time in the write
+      # the self-update pass projects q, k, v of the first pass's input again
+      "memoryllm": memory_layers * 2 * d * e * (h + 2 * g),
+      # ... and M+'s statistics: the share of tokens that picked each store token, their mean retriever query
+      "mplus": memory_layers * (2 * d * e * (h + 2 * g) + 2 * MPLUS["ltm_capacity"] + 2 * MPLUS["retriever_dim"]),
+  }.get(kind, 0)
   formula = sum(forward_flops_per_token(cfg, length).values())
-  np.testing.assert_allclose(traced, formula + second_key_projection, rtol=1e-3)
+  np.testing.assert_allclose(traced, formula + not_model_flops, rtol=1e-3)
   assert train_flops_per_token(cfg, length) == 3 * formula
 
 

@@ -36,6 +36,17 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
     hmt         the layers' X = L + k + j + 3 (k sensory, j summary tokens; above), plus per segment (/ L) for a
                 cache of N: 2 D^2 (N + 1) (recall query and keys) + 4 N D (scores, mix) + 4 N D with learned
                 eviction (the scorer before eviction and in its loss)
+    memoryllm   per memory layer, N pool tokens, K written per segment, G kv heads:
+                  4 N H E                                  the segment's attention over the pool
+                  + 4 D G E (N + K) / L                    pool keys and values: the read's N, the update
+                                                           prefix's K, per segment
+                  + 4 (L + K) H E + 2 D E H + 6 D F        the self-update pass: attention over [the K newest ;
+                                                           the segment], o, SwiGLU (its q, k, v projections are
+                                                           the first pass's, on the same input: not counted)
+    mplus       memoryllm, plus per memory layer, C store tokens, R retriever width:
+                  4 C H E + 4 D G E C / L                  attention over the store (dense: the top-r mask does
+                                                           not remove work), its keys and values
+                  + 2 D R + 2 D R C / L + 2 R C            retriever: query, keys, scores
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
 `config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
@@ -88,8 +99,16 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] 
   elif m.kind == "hmt":
     n = m.cache_size
     parts["memory"] = (2 * d * d * (n + 1) + 4 * n * d + (4 * n * d if m.eviction == "learned" else 0)) / length
+  elif m.kind in ("memoryllm", "mplus"):
+    n, k, kv_dim = m.num_slots, m.update_tokens, 2 * d * kv * e
+    per_layer = (4 * n * h * e + 2 * kv_dim * (n + k) / length
+                 + 4 * (length + k) * h * e + 2 * d * e * h + 6 * d * cfg.d_ff)
+    if m.kind == "mplus":
+      c, r = m.ltm_capacity, m.retriever_dim
+      per_layer += 4 * c * h * e + 2 * kv_dim * c / length + 2 * d * r + 2 * d * r * c / length + 2 * r * c
+    parts["memory"] = len(m.layers) * per_layer
   elif m.kind not in ("none", "rmt"):
-    return None  # no formula yet (titans, memoryllm, mplus): the trainer then reports tokens/s without MFU
+    return None  # no formula yet (titans): the trainer then reports tokens/s without MFU
   return parts
 
 
