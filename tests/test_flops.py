@@ -79,7 +79,9 @@ def test_formula_matches_xla_cost_analysis(kind, memory):
 
 @pytest.mark.parametrize("kind,memory", [("none", {}), ("lm2", {}), ("lm2", {"write_gate": True}), ("rmt", {}),
                                          ("armt", {}), ("hmt", HMT), ("hmt", HMT_LEARNED),
-                                         ("memoryllm", MEMORYLLM), ("mplus", MPLUS)])
+                                         ("memoryllm", MEMORYLLM), ("mplus", MPLUS), ("titans", {}),
+                                         ("titans", dict(variant="mag", depth=1)),
+                                         ("titans", dict(variant="mal", depth=3, chunk_size=16))])
 def test_formula_matches_matmuls_of_traced_program(kind, memory):
   batch, length, segment = 2, 96, 32
   model, forward, params = _forward(_config(kind, segment, True, **memory), batch, length)

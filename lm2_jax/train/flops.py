@@ -47,6 +47,14 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
                   4 C H E + 4 D G E C / L                  attention over the store (dense: the top-r mask does
                                                            not remove work), its keys and values
                   + 2 D R + 2 D R C / L + 2 R C            retriever: query, keys, scores
+    titans      per memory layer, memory MLP widths E = d_0 .. d_depth per head (R heads), M = sum_i 2 d_i d_{i+1},
+                chunks of c tokens, P persistent tokens:
+                  6 D^2 + 2 D + 6 D R / c                  q, k, v; each chunk's mean input and its rates
+                  + R M                                    the read M_W(q)
+                  + R (3M - 2 d_0 d_1)                     the chunk's inner gradient: forward, weight gradients,
+                                                           input gradients of every MLP layer but the first
+                mac  + 4 D K F + 4 (P + L) H F             the reads' keys and values, attention over them
+                mag  + 4 D^2                               gate, o;   mal  + 2 D^2  o
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
 `config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
@@ -107,8 +115,16 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] 
       c, r = m.ltm_capacity, m.retriever_dim
       per_layer += 4 * c * h * e + 2 * kv_dim * c / length + 2 * d * r + 2 * d * r * c / length + 2 * r * c
     parts["memory"] = len(m.layers) * per_layer
+  elif m.kind == "titans":
+    widths = m.dims
+    mlp = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+    per_layer = (6 * d * d + 2 * d + 6 * d * m.num_heads / m.chunk_size + m.num_heads * mlp
+                 + m.num_heads * (3 * mlp - 2 * widths[0] * widths[1]))
+    per_layer += {"mac": 4 * d * kv * e + 4 * (m.persistent_tokens + length) * h * e, "mag": 4 * d * d,
+                  "mal": 2 * d * d}[m.variant]
+    parts["memory"] = len(m.layers) * per_layer
   elif m.kind not in ("none", "rmt"):
-    return None  # no formula yet (titans): the trainer then reports tokens/s without MFU
+    return None  # a kind without a formula (a new one): the trainer then reports tokens/s without MFU
   return parts
 
 
