@@ -14,10 +14,10 @@ value`; `pairs`: [marker, k1, v1, ..., filler] with `pairs` key-value pairs); th
 keeps the wrong value); with `filler` they are random filler tokens. The needle stands G segments before the query
 segment (G = 0: just before it), G uniform in 0 .. segments - 2 in training, or the gaps `--gap_curriculum`
 names from each step on ('0:0,1': only the gaps at which the needle is still in a cache of 2, so that both arms
-learn the recall route on the same data and evaluation asks how far each eviction rule carries it). With a cache of N = 2 memory
-embeddings, FIFO holds only the last two segments' embeddings when the query segment's memory is recalled, so for
-G >= 2 the needle's embedding has left the cache (the information can still travel down the chain of memory
-tokens: each segment's memory token starts from what it recalled).
+learn the recall route on the same data and evaluation asks how far each eviction rule carries it). With a cache
+of N = 2 memory embeddings, FIFO holds only the last two segments' embeddings when the query segment's memory is
+recalled, so for G >= 2 the needle's embedding has left the cache (the information can still travel down the
+chain of memory tokens: each segment's memory token starts from what it recalled).
 
 Both arms train the same model (2 layers, d_model 64, sensory 4, summary 8 tokens, gradients through all
 segments) with the same data and seeds on the answer token's cross-entropy (plus the learned arm's eviction loss,
@@ -37,8 +37,7 @@ from absl import app, flags
 from launch import cli
 from lm2_jax.data.babi.training import parse_curriculum
 from lm2_jax.model import LM2Model, init_params
-from lm2_jax.model.config import ConfigError
-from lm2_jax.model.config import default_model_config
+from lm2_jax.model.config import ConfigError, default_model_config
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model init and data).")
 _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per arm and seed.")
@@ -161,7 +160,8 @@ def run_arm(eviction: str, seed: int) -> dict:
     acc[gap] = float(a)
     kept[gap] = float(np.asarray(stats["age"]).max(-1).mean())  # per row, the largest of the slots' segment-averaged ages
   old = float(np.mean([acc[g] for g in range(_CACHE.value, MAX_GAP + 1)]))
-  return {"eviction": eviction, "seed": seed, "steps": _STEPS.value, "train_seconds": time.time() - t0,
+  return {"eviction": eviction, "seed": seed, "steps": _STEPS.value, "gap_curriculum": _GAPS.value,
+          "clip_norm": _CLIP.value, "train_seconds": time.time() - t0,
           "accuracy_by_gap": acc, "accuracy_older_than_cache": old, "mean_oldest_age": kept, "log": log}
 
 
