@@ -158,7 +158,8 @@ def run_arm(eviction: str, seed: int) -> dict:
     tokens, pos, answer, _ = make_batch(eval_rng, _EVAL.value, gaps=[gap] * _EVAL.value)
     a, stats = evaluate(params, tokens, pos, answer)
     acc[gap] = float(a)
-    kept[gap] = float(np.asarray(stats["age"]).max(-1).mean())  # per row, the largest of the slots' segment-averaged ages
+    # per row, the largest of the slots' ages averaged over segments; mean over rows
+    kept[gap] = float(np.asarray(stats["age"]).max(-1).mean())
   old = float(np.mean([acc[g] for g in range(_CACHE.value, MAX_GAP + 1)]))
   return {"eviction": eviction, "seed": seed, "steps": _STEPS.value, "gap_curriculum": _GAPS.value,
           "clip_norm": _CLIP.value, "train_seconds": time.time() - t0,
