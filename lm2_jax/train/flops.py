@@ -53,7 +53,7 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
                   + R M                                    the read M_W(q)
                   + R (3M - 2 d_0 d_1)                     the chunk's inner gradient: forward, weight gradients,
                                                            input gradients of every MLP layer but the first
-                mac  + 4 D K F + 4 (P + L) H F             the reads' keys and values, attention over them
+                mac  + 4 D K E + 4 (P + L) H E             the reads' keys and values, attention over them
                 mag  + 4 D^2                               gate, o;   mal  + 2 D^2  o
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
