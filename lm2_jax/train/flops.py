@@ -47,7 +47,7 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
                   4 C H E + 4 D G E C / L                  attention over the store (dense: the top-r mask does
                                                            not remove work), its keys and values
                   + 2 D R + 2 D R C / L + 2 R C            retriever: query, keys, scores
-    titans      per memory layer, memory MLP widths E = d_0 .. d_depth per head (R heads), M = sum_i 2 d_i d_{i+1},
+    titans      per memory layer, memory MLP widths d_0 = D / R .. d_depth per head (R heads), M = sum_i 2 d_i d_{i+1},
                 chunks of c tokens, P persistent tokens:
                   6 D^2 + 2 D + 6 D R / c                  q, k, v; each chunk's mean input and its rates
                   + R M                                    the read M_W(q)
