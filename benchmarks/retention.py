@@ -108,6 +108,7 @@ def model_config(kind: str, task: FactTask):
   m.memory.num_heads = 4
   m.memory.num_slots = 16 if kind != "rmt" else 8
   m.memory.update(dict(general_slots=4, num_banks=8, bank_slots=4, top_k=2, write_tokens=2))  # hierarchical
+  m.memory.update(dict(sensory_tokens=4, summary_tokens=4))  # hmt: they are tokens of one 16-token segment
   config.data.kind = "recall"  # token ids: the export's tokenizer is an IdTokenizer over the vocabulary
   return config
 
