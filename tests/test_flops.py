@@ -88,12 +88,12 @@ def test_formula_matches_matmuls_of_traced_program(kind, memory):
   traced = _matmul_flops(jax.make_jaxpr(forward)(params).jaxpr) / (batch * length)
   cfg = model.config
   d, h, g, e, memory_layers = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, len(cfg.memory.layers)
+  reprojection = memory_layers * 2 * d * e * (h + 2 * g)  # the self-update pass projects q, k, v of the same input
   not_model_flops = {  # matmuls the traced program has and the formula rightly leaves out
       "lm2": 2 * 8 * d ** 2 / segment * cfg.num_layers,  # the slot keys projected a second time in the write
-      # the self-update pass projects q, k, v of the first pass's input again
-      "memoryllm": memory_layers * 2 * d * e * (h + 2 * g),
+      "memoryllm": reprojection,
       # ... and M+'s statistics: the share of tokens that picked each store token, their mean retriever query
-      "mplus": memory_layers * (2 * d * e * (h + 2 * g) + 2 * MPLUS["ltm_capacity"] + 2 * MPLUS["retriever_dim"]),
+      "mplus": reprojection + memory_layers * (2 * MPLUS["ltm_capacity"] + 2 * MPLUS["retriever_dim"]),
   }.get(kind, 0)
   formula = sum(forward_flops_per_token(cfg, length).values())
   np.testing.assert_allclose(traced, formula + not_model_flops, rtol=1e-3)

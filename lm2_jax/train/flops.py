@@ -108,12 +108,12 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] 
     n = m.cache_size
     parts["memory"] = (2 * d * d * (n + 1) + 4 * n * d + (4 * n * d if m.eviction == "learned" else 0)) / length
   elif m.kind in ("memoryllm", "mplus"):
-    n, k, kv_dim = m.num_slots, m.update_tokens, 2 * d * kv * e
-    per_layer = (4 * n * h * e + 2 * kv_dim * (n + k) / length
+    n, k, kv_proj = m.num_slots, m.update_tokens, 2 * d * kv * e  # kv_proj: a token's key (or value) projection
+    per_layer = (4 * n * h * e + 2 * kv_proj * (n + k) / length
                  + 4 * (length + k) * h * e + 2 * d * e * h + 6 * d * cfg.d_ff)
     if m.kind == "mplus":
       c, r = m.ltm_capacity, m.retriever_dim
-      per_layer += 4 * c * h * e + 2 * kv_dim * c / length + 2 * d * r + 2 * d * r * c / length + 2 * r * c
+      per_layer += 4 * c * h * e + 2 * kv_proj * c / length + 2 * d * r + 2 * d * r * c / length + 2 * r * c
     parts["memory"] = len(m.layers) * per_layer
   elif m.kind == "titans":
     widths = m.dims
