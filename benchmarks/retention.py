@@ -312,6 +312,10 @@ _FACTS = flags.DEFINE_integer("facts", 4, "run: facts injected (K).")
 _SLEEP_STEPS = flags.DEFINE_integer("sleep_steps", 50, "run: consolidation steps per sleep.")
 _SLEEP_LR = flags.DEFINE_float("sleep_lr", 3e-3, "run: consolidation learning rate.")
 _SLEEP_RANK = flags.DEFINE_integer("sleep_rank", 0, "run: adapter rank (0: full fine-tuning).")
+_SLEEP_INTERFERENCE = flags.DEFINE_integer("sleep_interference", 0, "run: consolidate.interference (general "
+                                           "segments in the student's memory; 0: fresh).")
+_SLEEP_REHEARSE = flags.DEFINE_integer("sleep_rehearse", 0, "run: consolidate.rehearse (tokens of earlier sleeps' "
+                                       "segments replayed again).")
 _SLEEP_GENERAL = flags.DEFINE_enum("sleep_general", "kl", ["nll", "kl"], "run: the general-text term of a sleep.")
 flags.mark_flags_as_required(["mode", "out"])
 
@@ -322,7 +326,8 @@ def main(argv):
     train(_KIND.value, _OUT.value, _STEPS.value, _SEED.value)
   else:
     budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value,
-              "general_loss": _SLEEP_GENERAL.value}
+              "general_loss": _SLEEP_GENERAL.value, "interference": _SLEEP_INTERFERENCE.value,
+              "rehearse": _SLEEP_REHEARSE.value}
     run(_MODEL.value, _OUT.value, [int(x) for x in _SEEDS.value], _TRIALS.value, _SLEEP_EVERY.value, _N_MAX.value,
         _FACTS.value, budget)
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import build, tiny_config
-from lm2_jax.consolidate import NothingToConsolidate, output
+from lm2_jax.consolidate import NothingToConsolidate, distill, output
 from lm2_jax.data.id_tokenizer import IdTokenizer
 from lm2_jax.sessions import Session
 from lm2_jax.sessions.export import export, load_export
@@ -38,17 +38,33 @@ def _session(kind="lm2", n=36, **overrides):
   return s
 
 
-def _kl_numpy(model, params, memory, rows):
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _fresh_logp(model, params, rows, prefix=None):
+  """log p(. | rows) from a fresh memory (into which the tokens `prefix` [P] were written first, as whole segments
+  before every row: a segment sees only its own tokens and the memory)."""
+  if prefix is None:
+    return _log_softmax(model.apply({"params": params}, rows)[0])
+  full = np.concatenate([np.tile(prefix, (len(rows), 1)), rows], axis=1)
+  return _log_softmax(model.apply({"params": params}, full)[0][:, len(prefix):])
+
+
+def _kl(t, s):
+  return float(np.mean(np.sum(np.exp(t) * (t - s), axis=-1)))
+
+
+def _kl_numpy(model, params, memory, rows, prefix=None):
   """KL(teacher || student) per position, averaged: teacher = `params` of the session with its memory (fixed
-  teacher logits), student = `params` with a fresh memory; NumPy on the logits of plain forwards."""
-  def log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  teacher logits), student = `params` with a fresh memory (holding `prefix`); NumPy on the logits of plain
+  forwards."""
   tiled = jax.tree.map(lambda x, ax: np.repeat(x, len(rows), axis=ax.index("batch")), memory, model.memory_axes(),
                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
-  return lambda student: float(np.mean(np.sum(
-      np.exp(t := log_softmax(np.asarray(model.apply({"params": params}, rows, tiled)[0], np.float64)))
-      * (t - log_softmax(np.asarray(model.apply({"params": student}, rows)[0], np.float64))), axis=-1)))
+  teacher = _log_softmax(model.apply({"params": params}, rows, tiled)[0])
+  return lambda student: _kl(teacher, _fresh_logp(model, student, rows, prefix))
 
 
 def test_a_consolidation_lowers_the_kl_on_the_replay_set():
@@ -62,6 +78,47 @@ def test_a_consolidation_lowers_the_kl_on_the_replay_set():
   np.testing.assert_allclose(report["kl_before"], kl(params0), rtol=1e-3)
   assert kl(s.params) < 0.9 * kl(params0), (kl(s.params), kl(params0))
   np.testing.assert_allclose(report["kl_after"], kl(s.params), rtol=1e-3)
+
+
+def test_the_objective_with_interference_and_rehearsal_matches_numpy():
+  """The loss of one consolidation step, at parameters away from theta_0, against plain forwards: KL(teacher with
+  the memory || student with general text written into a fresh memory) on the replay rows + KL(theta_0 || theta,
+  both from such a memory) on the rehearsed rows."""
+  s = _session()
+  params0, model = s.params, s.model
+  rows, rehearsed = (np.asarray(s.tokens[a:a + 16], np.int32).reshape(2, 8) for a in (0, 16))
+  prefix = GENERAL[:8].astype(np.int32)
+  params1 = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(x.size).standard_normal(x.shape, np.float32),
+                         params0)
+  fn = distill._Functions(model.config, 0, 1.0, 1e-3, 0.0, "all", "attn,mlp")
+  teacher = fn.teacher(params0, rows, distill._tile(model, s.state.memory, 2))
+  tile = lambda x: np.tile(x, (2, 1))
+  ones = np.ones((2, 8), np.float32)
+  _, _, loss = fn.step(params1, fn.tx.init(params1), params0, teacher, rows, ones, tile(GENERAL[8:24]), tile(prefix),
+                       (rehearsed, ones, tile(prefix)))
+  expected = (_kl_numpy(model, params0, s.state.memory, rows, prefix)(params1)
+              + _kl(_fresh_logp(model, params0, rehearsed, prefix), _fresh_logp(model, params1, rehearsed, prefix)))
+  assert expected > 1e-3
+  np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
+
+
+def test_rehearsal_replays_the_segments_of_earlier_sleeps_newest_first(tmp_path):
+  s = _session()
+  s.sleep(**_SLEEP)  # consolidates the segments at [0, 32)
+  s.inject(_text(1, 32))
+  params1, stream = s.params, list(s.tokens)
+  assert distill.rehearsal(stream, s.history, 20) == [stream[16:24], stream[24:32]]  # 3 segments exceed 20 tokens
+  assert distill.rehearsal(stream, s.history, 7) == []
+  old = np.asarray(stream[:32], np.int32).reshape(4, 8)
+  s.save(str(tmp_path / "s"))
+  drift = {}
+  for rehearse in (0, 32):
+    again = Session.restore(str(tmp_path / "s"), params1, s.config, TOK)
+    report = again.sleep(**{**_SLEEP, "rehearse": rehearse, "steps": 6, "learning_rate": 3e-3})
+    assert report["rehearsed_tokens"] == rehearse
+    # how far the second sleep moved what the parameters alone predict for the first sleep's segments
+    drift[rehearse] = _kl(_fresh_logp(s.model, params1, old), _fresh_logp(s.model, again.params, old))
+  assert drift[32] < 0.8 * drift[0], drift
 
 
 def test_adapters_leave_every_other_parameter_bit_identical():

@@ -18,6 +18,13 @@
    built-in prose of lm2_jax.data.babi.prose through the session's tokenizer). Adam, `steps` steps, all replay
    rows and `general_rows` random windows of the general stream's first 80% per step. Trained: all parameters
    (`rank` 0) or low-rank adapters of the kernels of `targets` in `layers` (lm2_jax.consolidate.adapters), merged.
+   Two options beyond the issue's recipe, both off by default:
+   - `interference` k > 0: "fresh" above becomes a fresh memory into which k random segments of general text were
+     written first (new windows each step), so the student learns to answer from theta while its memory holds
+     unrelated text, as it will after the sleep;
+   - `rehearse` n > 0: the segments earlier sleeps replayed (their spans in the history), newest first within n
+     tokens, are replayed too, with teacher p(. | r; theta_0, fresh): what theta_0 answers for them from its
+     parameters is kept, so later sleeps do not overwrite it.
 4. Reset: the chosen units whose content the replayed segments wrote for at least `min_coverage` of it are set
    to their fresh values (kinds without slots: the whole memory).
 
@@ -60,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
                            # sleep, both with a fresh memory: keeps its predictions where it was never trained)
   c.general_rows = 8       # general-text windows per step
   c.general_len = 0        # tokens per window (0: two segments)
+  c.interference = 0       # segments of general text written into the student's memory before each replayed row
+                           # (0: a fresh memory): the student learns to answer while the memory holds other text
+  c.rehearse = 0           # tokens of segments replayed by earlier sleeps, replayed again (newest first) against
+                           # the model before this sleep: later sleeps keep what earlier ones consolidated
   c.rank = 0               # 0: full fine-tuning; > 0: low-rank adapters of this rank
   c.alpha = 0.0            # adapter scale alpha / rank (0: alpha = rank)
   c.layers = "all"         # adapters: decoder layers ('all' or indices)
@@ -78,6 +89,8 @@ def with_overrides(config: ml_collections.ConfigDict | None, **overrides) -> ml_
   for name in ("max_tokens", "steps", "general_rows"):
     check(isinstance(c[name], int) and c[name] > 0, f"consolidate.{name}", c[name], "must be a positive integer")
   check(0 <= c.min_coverage <= 1, "consolidate.min_coverage", c.min_coverage, "must be in [0, 1]")
+  for name in ("interference", "rehearse"):
+    check(isinstance(c[name], int) and c[name] >= 0, f"consolidate.{name}", c[name], "must be an integer >= 0")
   check(isinstance(c.rank, int) and c.rank >= 0, "consolidate.rank", c.rank, "must be >= 0 (0: full fine-tuning)")
   check(c.learning_rate > 0, "consolidate.learning_rate", c.learning_rate, "must be > 0")
   check(c.general_weight >= 0, "consolidate.general_weight", c.general_weight, "must be >= 0")
@@ -147,9 +160,14 @@ class _Functions:
     def effective(params, trainable):
       return adapters_lib.merge(params, trainable, self.chosen, rank, alpha) if rank else trainable
 
-    def kl(p, teacher_logp, toks, mask):
-      logp_s = jax.nn.log_softmax(model.apply({"params": p}, toks, model.init_memory(toks.shape[0]))[0])
-      per_pos = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - logp_s), axis=-1)
+    def student(p, toks, prefix):
+      """log p(. | toks; p) from a fresh memory, into which `prefix` [R, P] (or None) was written first."""
+      P = 0 if prefix is None else prefix.shape[1]
+      full = toks if prefix is None else jnp.concatenate([prefix, toks], axis=1)
+      return jax.nn.log_softmax(model.apply({"params": p}, full, model.init_memory(toks.shape[0]))[0][:, P:])
+
+    def kl(p, teacher_logp, toks, mask, prefix=None):
+      per_pos = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student(p, toks, prefix)), axis=-1)
       return jnp.sum(per_pos * mask) / jnp.maximum(mask.sum(), 1)
 
     def general_loss(p, rows):
@@ -161,10 +179,14 @@ class _Functions:
       before = jax.lax.stop_gradient(self.teacher(params, rows, model.init_memory(rows.shape[0])))
       return kl(p, before, rows, jnp.ones(rows.shape, jnp.float32))
 
-    def step(trainable, opt, params, teacher_logp, toks, mask, g_rows):
+    def step(trainable, opt, params, teacher_logp, toks, mask, g_rows, prefix, rehearsed):
       def loss_fn(t):
         p = effective(params, t)
-        return kl(p, teacher_logp, toks, mask) + general_weight * general_term(p, params, g_rows)
+        loss = kl(p, teacher_logp, toks, mask, prefix) + general_weight * general_term(p, params, g_rows)
+        if rehearsed is not None:  # earlier sleeps' segments: keep what theta_0 predicts for them from the params
+          r_toks, r_mask, r_prefix = rehearsed
+          loss += kl(p, jax.lax.stop_gradient(student(params, r_toks, r_prefix)), r_toks, r_mask, r_prefix)
+        return loss
       loss, grads = jax.value_and_grad(loss_fn)(trainable)
       updates, opt = self.tx.update(grads, opt, trainable)
       return optax.apply_updates(trainable, updates), opt, loss
@@ -178,6 +200,19 @@ class _Functions:
 @functools.lru_cache(maxsize=8)
 def _functions(*key) -> _Functions:
   return _Functions(*key)
+
+
+def rehearsal(tokens: list[int], history: list[dict], budget: int) -> list[list[int]]:
+  """The segments earlier sleeps replayed (the spans their history entries logged), newest first within `budget`
+  tokens, returned in stream order."""
+  spans = [span for e in history if e["kind"] == "sleep" for span in e["report"]["segments"]["spans"]]
+  out, used = [], 0
+  for a, b in reversed(spans):
+    if used + b - a > budget:
+      break
+    out.append(tokens[a:b])
+    used += b - a
+  return out[::-1]
 
 
 def choose(h: Holdings, c) -> tuple[list, list[int], list]:
@@ -226,11 +261,16 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
                   c.layers if isinstance(c.layers, (str, int)) else tuple(c.layers), c.targets, c.general_loss)
   teacher_logp = fn.teacher(params, toks_R, _tile(model, memory, len(toks_R)))
   kl_before, general_before = (float(x) for x in fn.evaluate(params, teacher_logp, toks_R, mask_R, held_out))
+  rehearsed = rehearsal(tokens, history, c.rehearse)
+  rehearsed_rows = _rows(rehearsed, S, 4 * S) if rehearsed else None
+  prefix = lambda rows: (_windows(general[:cut], c.interference * S, len(rows[0]), rng)  # noqa: E731
+                         if c.interference else None)
   trainable = params if not c.rank else adapters_lib.init(params, fn.chosen, c.rank, jax.random.key(c.seed))
   opt = fn.tx.init(trainable)
   for _ in range(c.steps):
     trainable, opt, _ = fn.step(trainable, opt, params, teacher_logp, toks_R, mask_R,
-                                _windows(general[:cut], g_len, c.general_rows, rng))
+                                _windows(general[:cut], g_len, c.general_rows, rng), prefix((toks_R,)),
+                                None if rehearsed_rows is None else (*rehearsed_rows, prefix(rehearsed_rows)))
   new_params = jax.device_get(fn.effective(params, trainable))
   kl_after, general_after = (float(x) for x in fn.evaluate(new_params, teacher_logp, toks_R, mask_R, held_out))
   new_memory = reset_units(model, memory, h.slot_arrays, reset)
@@ -244,6 +284,7 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
       "segments": {"in_memory": len(h.segments), "replayed": len(replayed),
                    "spans": [[h.segments[i]["start"], h.segments[i]["end"]] for i in replayed]},
       "questions_replayed": len(h.questions) if c.questions else 0,
+      "rehearsed_tokens": int(sum(map(len, rehearsed))),
       "replay_tokens": int(mask_R.sum()),
       "kl_before": kl_before, "kl_after": kl_after,
       "general_loss_before": general_before, "general_loss_after": general_after,
