@@ -316,6 +316,7 @@ _SLEEP_INTERFERENCE = flags.DEFINE_integer("sleep_interference", 0, "run: consol
                                            "segments in the student's memory; 0: fresh).")
 _SLEEP_REHEARSE = flags.DEFINE_integer("sleep_rehearse", 0, "run: consolidate.rehearse (tokens of earlier sleeps' "
                                        "segments replayed again).")
+_SLEEP_GENERAL_WEIGHT = flags.DEFINE_float("sleep_general_weight", 1.0, "run: consolidate.general_weight.")
 _SLEEP_GENERAL = flags.DEFINE_enum("sleep_general", "kl", ["nll", "kl"], "run: the general-text term of a sleep.")
 flags.mark_flags_as_required(["mode", "out"])
 
@@ -326,7 +327,7 @@ def main(argv):
     train(_KIND.value, _OUT.value, _STEPS.value, _SEED.value)
   else:
     budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value,
-              "general_loss": _SLEEP_GENERAL.value, "interference": _SLEEP_INTERFERENCE.value,
+              "general_loss": _SLEEP_GENERAL.value, "general_weight": _SLEEP_GENERAL_WEIGHT.value, "interference": _SLEEP_INTERFERENCE.value,
               "rehearse": _SLEEP_REHEARSE.value}
     run(_MODEL.value, _OUT.value, [int(x) for x in _SEEDS.value], _TRIALS.value, _SLEEP_EVERY.value, _N_MAX.value,
         _FACTS.value, budget)
