@@ -327,8 +327,8 @@ def main(argv):
     train(_KIND.value, _OUT.value, _STEPS.value, _SEED.value)
   else:
     budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value,
-              "general_loss": _SLEEP_GENERAL.value, "general_weight": _SLEEP_GENERAL_WEIGHT.value, "interference": _SLEEP_INTERFERENCE.value,
-              "rehearse": _SLEEP_REHEARSE.value}
+              "general_loss": _SLEEP_GENERAL.value, "general_weight": _SLEEP_GENERAL_WEIGHT.value,
+              "interference": _SLEEP_INTERFERENCE.value, "rehearse": _SLEEP_REHEARSE.value}
     run(_MODEL.value, _OUT.value, [int(x) for x in _SEEDS.value], _TRIALS.value, _SLEEP_EVERY.value, _N_MAX.value,
         _FACTS.value, budget)
 

@@ -263,14 +263,16 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
   kl_before, general_before = (float(x) for x in fn.evaluate(params, teacher_logp, toks_R, mask_R, held_out))
   rehearsed = rehearsal(tokens, history, c.rehearse)
   rehearsed_rows = _rows(rehearsed, S, 4 * S) if rehearsed else None
-  prefix = lambda rows: (_windows(general[:cut], c.interference * S, len(rows[0]), rng)  # noqa: E731
-                         if c.interference else None)
+
+  def prefix(n):  # interference: n rows of general text for the student's memory, new each step
+    return _windows(general[:cut], c.interference * S, n, rng) if c.interference else None
+
   trainable = params if not c.rank else adapters_lib.init(params, fn.chosen, c.rank, jax.random.key(c.seed))
   opt = fn.tx.init(trainable)
   for _ in range(c.steps):
     trainable, opt, _ = fn.step(trainable, opt, params, teacher_logp, toks_R, mask_R,
-                                _windows(general[:cut], g_len, c.general_rows, rng), prefix((toks_R,)),
-                                None if rehearsed_rows is None else (*rehearsed_rows, prefix(rehearsed_rows)))
+                                _windows(general[:cut], g_len, c.general_rows, rng), prefix(len(toks_R)),
+                                None if rehearsed_rows is None else (*rehearsed_rows, prefix(len(rehearsed_rows[0]))))
   new_params = jax.device_get(fn.effective(params, trainable))
   kl_after, general_after = (float(x) for x in fn.evaluate(new_params, teacher_logp, toks_R, mask_R, held_out))
   new_memory = reset_units(model, memory, h.slot_arrays, reset)
