@@ -95,7 +95,7 @@ def test_the_objective_with_interference_and_rehearsal_matches_numpy():
   tile = lambda x: np.tile(x, (2, 1))
   ones = np.ones((2, 8), np.float32)
   _, _, loss = fn.step(params1, fn.tx.init(params1), params0, teacher, rows, ones, tile(GENERAL[8:24]), tile(prefix),
-                       (rehearsed, ones, tile(prefix)))
+                       (rehearsed, ones, tile(prefix), None))
   expected = (_kl_numpy(model, params0, s.state.memory, rows, prefix)(params1)
               + _kl(_fresh_logp(model, params0, rehearsed, prefix), _fresh_logp(model, params1, rehearsed, prefix)))
   assert expected > 1e-3

@@ -184,8 +184,10 @@ class _Functions:
         p = effective(params, t)
         loss = kl(p, teacher_logp, toks, mask, prefix) + general_weight * general_term(p, params, g_rows)
         if rehearsed is not None:  # earlier sleeps' segments: keep what theta_0 predicts for them from the params
-          r_toks, r_mask, r_prefix = rehearsed
-          loss += kl(p, jax.lax.stop_gradient(student(params, r_toks, r_prefix)), r_toks, r_mask, r_prefix)
+          r_toks, r_mask, r_prefix, r_teacher = rehearsed
+          if r_teacher is None:  # a new prefix each step: theta_0's predictions from that memory, here
+            r_teacher = jax.lax.stop_gradient(student(params, r_toks, r_prefix))
+          loss += kl(p, r_teacher, r_toks, r_mask, r_prefix)
         return loss
       loss, grads = jax.value_and_grad(loss_fn)(trainable)
       updates, opt = self.tx.update(grads, opt, trainable)
@@ -263,6 +265,8 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
   kl_before, general_before = (float(x) for x in fn.evaluate(params, teacher_logp, toks_R, mask_R, held_out))
   rehearsed = rehearsal(tokens, history, c.rehearse)
   rehearsed_rows = _rows(rehearsed, S, 4 * S) if rehearsed else None
+  r_teacher = (None if rehearsed_rows is None or c.interference else  # fixed without interference: computed once
+               fn.teacher(params, rehearsed_rows[0], model.init_memory(len(rehearsed_rows[0]))))
 
   def prefix(n):  # interference: n rows of general text for the student's memory, new each step
     return _windows(general[:cut], c.interference * S, n, rng) if c.interference else None
@@ -272,7 +276,8 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
   for _ in range(c.steps):
     trainable, opt, _ = fn.step(trainable, opt, params, teacher_logp, toks_R, mask_R,
                                 _windows(general[:cut], g_len, c.general_rows, rng), prefix(len(toks_R)),
-                                None if rehearsed_rows is None else (*rehearsed_rows, prefix(len(rehearsed_rows[0]))))
+                                None if rehearsed_rows is None else
+                                (*rehearsed_rows, prefix(len(rehearsed_rows[0])), r_teacher))
   new_params = jax.device_get(fn.effective(params, trainable))
   kl_after, general_after = (float(x) for x in fn.evaluate(new_params, teacher_logp, toks_R, mask_R, held_out))
   new_memory = reset_units(model, memory, h.slot_arrays, reset)
