@@ -93,6 +93,15 @@ class FactTask:
       masks.append(m)
     return np.concatenate(toks).astype(np.int32), np.concatenate(masks)
 
+  @staticmethod
+  def recall_mask(toks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The value positions of `mask` whose key came earlier in its row: recall, where a first appearance is a
+    guess (its loss is log num_values at best)."""
+    recall = np.zeros_like(mask)
+    for b, t in zip(*np.nonzero(mask)):
+      recall[b, t] = toks[b, t - 1] in toks[b, np.nonzero(mask[b, :t])[0] - 1]
+    return recall
+
   def batch(self, rng, batch_size, num_segments):
     pairs = [self.training_stream(rng, num_segments) for _ in range(batch_size)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
@@ -178,7 +187,14 @@ class Trials:
     model = LM2Model(self.config.model)
     held = [self.task.training_stream(np.random.default_rng(10**6 + i), 6) for i in range(64)]
     toks, mask = np.stack([h[0] for h in held]), np.stack([h[1] for h in held])
-    self.held_out_loss = jax.jit(lambda p: next_token_loss(model.apply({"params": p}, toks)[0], toks, mask)[0])
+    recall = self.task.recall_mask(toks, mask)
+    masks = {"": mask, "_recall": recall, "_first": mask & ~recall}  # all value tokens; recall; first appearances
+
+    @jax.jit
+    def held_out_loss(p):
+      logits = model.apply({"params": p}, toks)[0]
+      return {name: next_token_loss(logits, toks, m)[0] for name, m in masks.items()}
+    self.held_out_loss = held_out_loss
     self.general = _general_stream(self.task, 2 * 10**6)
 
   def probe(self, session, facts, fresh_memory=False) -> float:
@@ -219,8 +235,9 @@ class Trials:
         out["memory"][n] = self.probe(mem, facts)
         out["sleep"][n] = self.probe(slp, facts)
         out["sleep_reset"][n] = self.probe(slp, facts, fresh_memory=True)
-    out["held_out_loss_before"] = float(self.held_out_loss(self.params0))
-    out["held_out_loss_after"] = float(self.held_out_loss(slp.params))
+    for when, p in (("before", self.params0), ("after", slp.params)):
+      for name, loss in self.held_out_loss(p).items():
+        out[f"held_out_loss_{when}{name}"] = float(loss)
     return out
 
 
@@ -263,8 +280,10 @@ def summarize(results: list[dict], ns: list[int], seeds: list[int]) -> dict:
                                                  "sleep": s["sleep"][at]["mean"]}
   s["first_sleep"] = {"memory_acc_before": per_seed([f["memory_acc_before"] for f in first]),
                       "reset_acc_after": per_seed([f["reset_acc_after"] for f in first])}
-  s["held_out_loss"] = {"before": per_seed([r["held_out_loss_before"] for r in results]),
-                        "after": per_seed([r["held_out_loss_after"] for r in results])}
+  for part in ("", "_recall", "_first"):  # all value tokens, recall ones, first appearances
+    if f"held_out_loss_before{part}" in results[0]:
+      s[f"held_out_loss{part}"] = {w: per_seed([r[f"held_out_loss_{w}{part}"] for r in results])
+                                   for w in ("before", "after")}
   return s
 
 
@@ -318,6 +337,11 @@ _SLEEP_REHEARSE = flags.DEFINE_integer("sleep_rehearse", 0, "run: consolidate.re
                                        "segments replayed again).")
 _SLEEP_GENERAL_WEIGHT = flags.DEFINE_float("sleep_general_weight", 1.0, "run: consolidate.general_weight.")
 _SLEEP_GENERAL = flags.DEFINE_enum("sleep_general", "kl", ["nll", "kl"], "run: the general-text term of a sleep.")
+_SLEEP_WEIGHTING = flags.DEFINE_enum("sleep_weighting", "uniform", ["uniform", "confidence"],
+                                     "run: consolidate.weighting (the positions of the KL terms).")
+_SLEEP_ANCHOR = flags.DEFINE_enum("sleep_anchor", "sleep", ["sleep", "first"], "run: consolidate.general_anchor.")
+_SLEEP_GENERAL_LEN = flags.DEFINE_integer("sleep_general_len", 0, "run: consolidate.general_len (0: two segments).")
+_SLEEP_TARGETS = flags.DEFINE_string("sleep_targets", "attn,mlp", "run: consolidate.targets (with --sleep_rank).")
 flags.mark_flags_as_required(["mode", "out"])
 
 
@@ -328,7 +352,9 @@ def main(argv):
   else:
     budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value,
               "general_loss": _SLEEP_GENERAL.value, "general_weight": _SLEEP_GENERAL_WEIGHT.value,
-              "interference": _SLEEP_INTERFERENCE.value, "rehearse": _SLEEP_REHEARSE.value}
+              "interference": _SLEEP_INTERFERENCE.value, "rehearse": _SLEEP_REHEARSE.value,
+              "general_anchor": _SLEEP_ANCHOR.value, "weighting": _SLEEP_WEIGHTING.value,
+              "general_len": _SLEEP_GENERAL_LEN.value, "targets": _SLEEP_TARGETS.value}
     run(_MODEL.value, _OUT.value, [int(x) for x in _SEEDS.value], _TRIALS.value, _SLEEP_EVERY.value, _N_MAX.value,
         _FACTS.value, budget)
 

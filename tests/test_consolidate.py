@@ -94,12 +94,52 @@ def test_the_objective_with_interference_and_rehearsal_matches_numpy():
   teacher = fn.teacher(params0, rows, distill._tile(model, s.state.memory, 2))
   tile = lambda x: np.tile(x, (2, 1))
   ones = np.ones((2, 8), np.float32)
-  _, _, loss = fn.step(params1, fn.tx.init(params1), params0, teacher, rows, ones, tile(GENERAL[8:24]), tile(prefix),
-                       (rehearsed, ones, tile(prefix), None))
+  _, _, loss = fn.step(params1, fn.tx.init(params1), params0, params0, teacher, rows, ones, tile(GENERAL[8:24]),
+                       tile(prefix), (rehearsed, ones, tile(prefix), None))
   expected = (_kl_numpy(model, params0, s.state.memory, rows, prefix)(params1)
               + _kl(_fresh_logp(model, params0, rehearsed, prefix), _fresh_logp(model, params1, rehearsed, prefix)))
   assert expected > 1e-3
   np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
+
+
+def test_the_confidence_weighted_objective_against_its_anchor_matches_numpy():
+  """weighting 'confidence', general_loss 'kl': sum_t w_t KL_t / sum_t w_t with w_t the teacher's top
+  probability, for the replay term (teacher: theta_0 with the memory) plus the general term (teacher: the anchor,
+  neither theta nor theta_0), students from a fresh memory."""
+  s = _session()
+  model, params0 = s.model, s.params
+  noise = lambda scale, seed: jax.tree.map(
+      lambda x: x + scale * np.random.default_rng(x.size + seed).standard_normal(x.shape, np.float32), params0)
+  params1, anchor = noise(0.05, 0), noise(0.5, 1)  # a sharper anchor: weights far from uniform
+  fn = distill._Functions(model.config, 0, 1.0, 1e-3, 1.0, "all", "attn,mlp", "kl", "confidence")
+  rows = np.asarray(s.tokens[:16], np.int32).reshape(2, 8)
+  g_rows = GENERAL[:32].astype(np.int32).reshape(2, 16)
+  teacher = fn.teacher(params0, rows, distill._tile(model, s.state.memory, 2))
+  mask = np.array([[1] * 8, [1] * 5 + [0] * 3], np.float32)
+  _, _, loss = fn.step(params1, fn.tx.init(params1), params0, anchor, teacher, rows, mask, g_rows, None, None)
+
+  def weighted_kl(t, st, m, confidence=True):
+    w = m * (np.exp(t.max(-1)) if confidence else np.ones(t.shape[:-1]))
+    return float(np.sum(w * np.sum(np.exp(t) * (t - st), -1)) / w.sum())
+  terms = lambda confidence: (
+      weighted_kl(np.asarray(teacher, np.float64), _fresh_logp(model, params1, rows), mask, confidence)
+      + weighted_kl(_fresh_logp(model, anchor, g_rows), _fresh_logp(model, params1, g_rows), 1.0, confidence))
+  expected = terms(True)
+  assert abs(expected - terms(False)) > 1e-2 * expected  # the weights matter here
+  np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
+
+
+def test_general_anchor_first_keeps_the_params_before_the_first_sleep(monkeypatch):
+  s = _session()
+  params0 = s.params
+  s.sleep(**_SLEEP, general_anchor="first", general_loss="kl", weighting="confidence")
+  s.inject(_text(1, 32))
+  params1 = s.params
+  seen = []
+  real = distill.consolidate
+  monkeypatch.setattr(distill, "consolidate", lambda *a, **k: seen.append(k["first_params"]) or real(*a, **k))
+  s.sleep(**_SLEEP, general_anchor="first", general_loss="kl")
+  assert seen[0] is params0 and params1 is not params0
 
 
 def test_rehearsal_replays_the_segments_of_earlier_sleeps_newest_first(tmp_path):

@@ -12,8 +12,13 @@
    with a fresh memory. On the replay rows x (mask m over real positions) and general-text rows g,
        loss(theta) = sum_t m_t KL(p(. | x_<=t; theta_0, memory) || p(. | x_<=t; theta, fresh)) / sum_t m_t
                      + general_weight * NLL(g; theta, fresh)
-   (or, with general_loss 'kl', KL(p(. | g; theta_0, fresh) || p(. | g; theta, fresh)): the model's own
-   predictions on general text kept, for a model whose training loss did not cover every token)
+   (or, with general_loss 'kl', KL(p(. | g; theta_a, fresh) || p(. | g; theta, fresh)): the model's own
+   predictions on general text kept, for a model whose training loss did not cover every token; theta_a is
+   theta_0, or with general_anchor 'first' the parameters the session had before its first sleep, so that drift
+   does not add up over sleeps). With weighting 'confidence' every KL term (replay, general, rehearsal) weights
+   position t by the teacher's top probability max_v p_teacher(v | x_<=t), normalised (sum_t m_t w_t KL_t /
+   sum_t m_t w_t): the positions where the teacher knows the next token, recall among them, dominate those it
+   can only guess or was never trained on.
    (the general term keeps what the parameters knew: `general` is a token stream the caller names, default the
    built-in prose of lm2_jax.data.babi.prose through the session's tokenizer). Adam, `steps` steps, all replay
    rows and `general_rows` random windows of the general stream's first 80% per step. Trained: all parameters
@@ -65,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.general_weight = 1.0
   c.general_loss = "nll"   # the general-text term: 'nll' (next-token loss) or 'kl' (KL from the model before the
                            # sleep, both with a fresh memory: keeps its predictions where it was never trained)
+  c.weighting = "uniform"  # the positions of every KL term: 'uniform' or 'confidence' (by the teacher's top
+                           # probability: what it knows outweighs what it guesses)
+  c.general_anchor = "sleep"  # the teacher of a KL general term: the params before this sleep ('sleep') or before
+                              # the session's first sleep ('first')
   c.general_rows = 8       # general-text windows per step
   c.general_len = 0        # tokens per window (0: two segments)
   c.interference = 0       # segments of general text written into the student's memory before each replayed row
@@ -95,6 +104,10 @@ def with_overrides(config: ml_collections.ConfigDict | None, **overrides) -> ml_
   check(c.learning_rate > 0, "consolidate.learning_rate", c.learning_rate, "must be > 0")
   check(c.general_weight >= 0, "consolidate.general_weight", c.general_weight, "must be >= 0")
   check(c.general_loss in ("nll", "kl"), "consolidate.general_loss", c.general_loss, "use 'nll' or 'kl'")
+  check(c.weighting in ("uniform", "confidence"), "consolidate.weighting", c.weighting,
+        "use 'uniform' or 'confidence' (positions weighted by the teacher's top probability)")
+  check(c.general_anchor in ("sleep", "first"), "consolidate.general_anchor", c.general_anchor,
+        "use 'sleep' (the params before this sleep) or 'first' (before the session's first sleep)")
   return c
 
 
@@ -149,7 +162,7 @@ class _Functions:
   """The compiled functions of one model config and training setup (shared across sleeps: `_functions`)."""
 
   def __init__(self, cfg: ModelConfig, rank: int, alpha: float, learning_rate: float, general_weight: float,
-               layers, targets: str, general_mode: str = "nll"):
+               layers, targets: str, general_mode: str = "nll", weighting: str = "uniform"):
     model = LM2Model(cfg)
     self.chosen = {}
     if rank:
@@ -166,28 +179,30 @@ class _Functions:
       full = toks if prefix is None else jnp.concatenate([prefix, toks], axis=1)
       return jax.nn.log_softmax(model.apply({"params": p}, full, model.init_memory(toks.shape[0]))[0][:, P:])
 
-    def kl(p, teacher_logp, toks, mask, prefix=None):
+    def kl(p, teacher_logp, toks, mask, prefix=None, weighted=False):
       per_pos = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student(p, toks, prefix)), axis=-1)
-      return jnp.sum(per_pos * mask) / jnp.maximum(mask.sum(), 1)
+      if weighted and weighting == "confidence":
+        mask = mask * jnp.exp(teacher_logp.max(-1))
+      return jnp.sum(per_pos * mask) / jnp.maximum(mask.sum(), 1e-6)
 
     def general_loss(p, rows):
       return next_token_loss(model.apply({"params": p}, rows, model.init_memory(rows.shape[0]))[0], rows)[0]
 
-    def general_term(p, params, rows):
+    def general_term(p, anchor, rows):
       if general_mode == "nll":
         return general_loss(p, rows)
-      before = jax.lax.stop_gradient(self.teacher(params, rows, model.init_memory(rows.shape[0])))
-      return kl(p, before, rows, jnp.ones(rows.shape, jnp.float32))
+      before = jax.lax.stop_gradient(self.teacher(anchor, rows, model.init_memory(rows.shape[0])))
+      return kl(p, before, rows, jnp.ones(rows.shape, jnp.float32), weighted=True)
 
-    def step(trainable, opt, params, teacher_logp, toks, mask, g_rows, prefix, rehearsed):
+    def step(trainable, opt, params, anchor, teacher_logp, toks, mask, g_rows, prefix, rehearsed):
       def loss_fn(t):
         p = effective(params, t)
-        loss = kl(p, teacher_logp, toks, mask, prefix) + general_weight * general_term(p, params, g_rows)
+        loss = kl(p, teacher_logp, toks, mask, prefix, weighted=True) + general_weight * general_term(p, anchor, g_rows)
         if rehearsed is not None:  # earlier sleeps' segments: keep what theta_0 predicts for them from the params
           r_toks, r_mask, r_prefix, r_teacher = rehearsed
           if r_teacher is None:  # a new prefix each step: theta_0's predictions from that memory, here
             r_teacher = jax.lax.stop_gradient(student(params, r_toks, r_prefix))
-          loss += kl(p, r_teacher, r_toks, r_mask, r_prefix)
+          loss += kl(p, r_teacher, r_toks, r_mask, r_prefix, weighted=True)
         return loss
       loss, grads = jax.value_and_grad(loss_fn)(trainable)
       updates, opt = self.tx.update(grads, opt, trainable)
@@ -230,9 +245,11 @@ def choose(h: Holdings, c) -> tuple[list, list[int], list]:
 
 
 def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset: int, base_memory,
-                history: list[dict], memory, general: np.ndarray | None = None, config=None) -> Result:
-  """The sleep phase on one session's stream (module docstring). Raises NothingToConsolidate when no segment was
-  written into memory since `base_offset`."""
+                history: list[dict], memory, general: np.ndarray | None = None, config=None,
+                first_params=None) -> Result:
+  """The sleep phase on one session's stream (module docstring). `first_params`: the parameters before the
+  session's first sleep (general_anchor 'first'; default `params`). Raises NothingToConsolidate when no segment
+  was written into memory since `base_offset`."""
   start_time = time.perf_counter()
   c = with_overrides(config)
   cfg = ModelConfig.from_config(model_config)
@@ -260,7 +277,8 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
   held_out = _windows(general[cut:], g_len, max(c.general_rows, 8), np.random.default_rng(c.seed + 1))
 
   fn = _functions(cfg, c.rank, c.alpha or float(max(c.rank, 1)), c.learning_rate, c.general_weight,
-                  c.layers if isinstance(c.layers, (str, int)) else tuple(c.layers), c.targets, c.general_loss)
+                  c.layers if isinstance(c.layers, (str, int)) else tuple(c.layers), c.targets, c.general_loss,
+                  c.weighting)
   teacher_logp = fn.teacher(params, toks_R, _tile(model, memory, len(toks_R)))
   kl_before, general_before = (float(x) for x in fn.evaluate(params, teacher_logp, toks_R, mask_R, held_out))
   rehearsed = rehearsal(tokens, history, c.rehearse)
@@ -271,10 +289,11 @@ def consolidate(model_config, params, tokenizer, tokens: list[int], base_offset:
   def prefix(n):  # interference: n rows of general text for the student's memory, new each step
     return _windows(general[:cut], c.interference * S, n, rng) if c.interference else None
 
+  anchor = params if c.general_anchor == "sleep" or first_params is None else first_params
   trainable = params if not c.rank else adapters_lib.init(params, fn.chosen, c.rank, jax.random.key(c.seed))
   opt = fn.tx.init(trainable)
   for _ in range(c.steps):
-    trainable, opt, _ = fn.step(trainable, opt, params, teacher_logp, toks_R, mask_R,
+    trainable, opt, _ = fn.step(trainable, opt, params, anchor, teacher_logp, toks_R, mask_R,
                                 _windows(general[:cut], g_len, c.general_rows, rng), prefix(len(toks_R)),
                                 None if rehearsed_rows is None else
                                 (*rehearsed_rows, prefix(len(rehearsed_rows[0])), r_teacher))

@@ -78,6 +78,7 @@ class Session:
     self.model = LM2Model(self.config)
     self._dec = decoder_for(self.config)
     self.ltm_capacity = ltm_capacity
+    self._first_params = None  # the params before the first sleep with general_anchor 'first' (in this process)
     self.reset()
 
   def _check_params(self, params) -> None:
@@ -196,11 +197,16 @@ class Session:
     parameters, frees the consolidated slots, and continues with both; the pending tokens of the current segment
     are fed again under the new parameters. `budget`: fields of lm2_jax.consolidate.default_config (steps=,
     max_tokens=, slots=, rank=, ...); `general`: the general-text token stream (default: the built-in prose).
-    Returns the report; raises NothingToConsolidate (a ValueError) when the memory holds nothing."""
+    With general_anchor='first' the general-text teacher is the params before the first such sleep of this
+    object (kept in memory, not saved with the session). Returns the report; raises NothingToConsolidate (a
+    ValueError) when the memory holds nothing."""
     from lm2_jax.consolidate import distill as lib  # pylint: disable=import-outside-toplevel
+    config = lib.with_overrides(None, **budget)
+    if config.general_anchor == "first" and self._first_params is None:
+      self._first_params = self.params
     result = lib.consolidate(self.config, self.params, self.tokenizer, self.tokens, self.base_offset,
-                             self.base_memory, self.history, self.state.memory, general=general,
-                             config=lib.with_overrides(None, **budget))
+                             self.base_memory, self.history, self.state.memory, general=general, config=config,
+                             first_params=self._first_params)
     pending = self._dec.pending(self.state)[0]
     self.params = result.params
     fresh = self._dec.fresh(self.params, 1)
