@@ -19,8 +19,10 @@ not change the session). N runs over 0, 1, 2, 4, ..., 64 along one stream. Arms:
   sleep_reset  the sleep arm's parameters with the memory reset to empty: answers from the parameters alone
 
 Each trial starts from the trained parameters. Held-out general-text loss: the task's next-token loss on the
-value tokens of held-out training-distribution streams, before and after all the sleeps of a trial (the
-consolidation's own general-text term draws other streams of the same distribution). Writes retention.json,
+value tokens of held-out training-distribution streams over the general keys (FactTask.general_keys; the trial's
+facts and distractors use the others), before and after all the sleeps of a trial, in all and split into recall
+(the key came earlier in the stream) and first appearances (a guess); the consolidation's own general-text term
+draws other streams of the same kind. Writes retention.json,
 retention.png (accuracy against N, one line per arm) and prints a table.
 """
 
@@ -43,9 +45,13 @@ PAD, Q = 0, 1
 @dataclasses.dataclass(frozen=True)
 class FactTask:
   """Vocabulary: 0 pad, 1 Q, keys, values, filler. Segments of `segment_len` tokens hold facts at triple-aligned
-  positions (0, 3, 6, ...) among filler."""
+  positions (0, 3, 6, ...) among filler. Training draws every key; in the trials the first `general_keys` keys
+  are the general text's (the held-out streams and the sleeps' general term) and the others the facts' and
+  distractors': general text that asks a key a trial consolidated, with another value, would count knowing the
+  fact as forgetting."""
   segment_len: int = 16
   num_keys: int = 48
+  general_keys: int = 24
   num_values: int = 32
   num_filler: int = 32
 
@@ -73,12 +79,13 @@ class FactTask:
       mask[p + 2] = True
     return seg, mask
 
-  def training_stream(self, rng, num_segments):
-    """(tokens, loss mask) of one training stream: 1-4 facts per segment, each a new key or (p 0.6, when there
-    is one) the key of an earlier segment again with its value: recall through the memory, never within the
-    segment's own attention window."""
+  def training_stream(self, rng, num_segments, keys=None):
+    """(tokens, loss mask) of one training stream over `keys` (default all; at least 4 per segment): 1-4 facts
+    per segment, each a new key or (p 0.6, when there is one) the key of an earlier segment again with its value:
+    recall through the memory, never within the segment's own attention window."""
     values = rng.integers(0, self.num_values, self.num_keys)
-    seen, fresh = [], list(rng.permutation(self.num_keys))
+    keys = np.arange(self.num_keys) if keys is None else np.asarray(keys)
+    seen, fresh = [], list(keys[rng.permutation(len(keys))])
     toks, masks = [], []
     for _ in range(num_segments):
       facts, used = [], set()
@@ -170,7 +177,8 @@ def train(kind: str, out: str, steps: int, seed: int, batch_size: int = 32, num_
 def _general_stream(task: FactTask, seed: int, streams: int = 64, num_segments: int = 6) -> np.ndarray:
   """Training-distribution streams laid end to end: the general text of this model."""
   rng = np.random.default_rng(seed)
-  return np.concatenate([task.training_stream(rng, num_segments)[0] for _ in range(streams)])
+  general = range(task.general_keys)
+  return np.concatenate([task.training_stream(rng, num_segments, general)[0] for _ in range(streams)])
 
 
 class Trials:
@@ -185,7 +193,8 @@ class Trials:
     self.task, self.sleep_every, self.num_facts, self.budget = FactTask(), sleep_every, num_facts, budget
     self.ns = [0] + [2 ** i for i in range(int(np.log2(n_max)) + 1)]
     model = LM2Model(self.config.model)
-    held = [self.task.training_stream(np.random.default_rng(10**6 + i), 6) for i in range(64)]
+    held = [self.task.training_stream(np.random.default_rng(10**6 + i), 6, range(self.task.general_keys))
+            for i in range(64)]
     toks, mask = np.stack([h[0] for h in held]), np.stack([h[1] for h in held])
     recall = self.task.recall_mask(toks, mask)
     masks = {"": mask, "_recall": recall, "_first": mask & ~recall}  # all value tokens; recall; first appearances
@@ -210,7 +219,7 @@ class Trials:
   def trial(self, seed: int, index: int) -> dict:
     from lm2_jax.sessions import Session  # pylint: disable=import-outside-toplevel
     task, rng = self.task, np.random.default_rng([seed, index])
-    keys = rng.permutation(task.num_keys)
+    keys = task.general_keys + rng.permutation(task.num_keys - task.general_keys)
     values = rng.integers(0, task.num_values, task.num_keys)
     facts = [(int(k), int(values[k])) for k in keys[:self.num_facts]]
     others = keys[self.num_facts:]
@@ -341,6 +350,7 @@ _SLEEP_WEIGHTING = flags.DEFINE_enum("sleep_weighting", "uniform", ["uniform", "
                                      "run: consolidate.weighting (the positions of the KL terms).")
 _SLEEP_ANCHOR = flags.DEFINE_enum("sleep_anchor", "sleep", ["sleep", "first"], "run: consolidate.general_anchor.")
 _SLEEP_GENERAL_LEN = flags.DEFINE_integer("sleep_general_len", 0, "run: consolidate.general_len (0: two segments).")
+_SLEEP_GENERAL_ROWS = flags.DEFINE_integer("sleep_general_rows", 8, "run: consolidate.general_rows (windows per step).")
 _SLEEP_TARGETS = flags.DEFINE_string("sleep_targets", "attn,mlp", "run: consolidate.targets (with --sleep_rank).")
 flags.mark_flags_as_required(["mode", "out"])
 
@@ -354,7 +364,8 @@ def main(argv):
               "general_loss": _SLEEP_GENERAL.value, "general_weight": _SLEEP_GENERAL_WEIGHT.value,
               "interference": _SLEEP_INTERFERENCE.value, "rehearse": _SLEEP_REHEARSE.value,
               "general_anchor": _SLEEP_ANCHOR.value, "weighting": _SLEEP_WEIGHTING.value,
-              "general_len": _SLEEP_GENERAL_LEN.value, "targets": _SLEEP_TARGETS.value}
+              "general_len": _SLEEP_GENERAL_LEN.value, "general_rows": _SLEEP_GENERAL_ROWS.value,
+              "targets": _SLEEP_TARGETS.value}
     run(_MODEL.value, _OUT.value, [int(x) for x in _SEEDS.value], _TRIALS.value, _SLEEP_EVERY.value, _N_MAX.value,
         _FACTS.value, budget)
 

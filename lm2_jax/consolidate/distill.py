@@ -12,24 +12,25 @@
    with a fresh memory. On the replay rows x (mask m over real positions) and general-text rows g,
        loss(theta) = sum_t m_t KL(p(. | x_<=t; theta_0, memory) || p(. | x_<=t; theta, fresh)) / sum_t m_t
                      + general_weight * NLL(g; theta, fresh)
-   (or, with general_loss 'kl', KL(p(. | g; theta_a, fresh) || p(. | g; theta, fresh)): the model's own
-   predictions on general text kept, for a model whose training loss did not cover every token; theta_a is
-   theta_0, or with general_anchor 'first' the parameters the session had before its first sleep, so that drift
-   does not add up over sleeps). With weighting 'confidence' every KL term (replay, general, rehearsal) weights
-   position t by the teacher's top probability max_v p_teacher(v | x_<=t), normalised (sum_t m_t w_t KL_t /
-   sum_t m_t w_t): the positions where the teacher knows the next token, recall among them, dominate those it
-   can only guess or was never trained on.
    (the general term keeps what the parameters knew: `general` is a token stream the caller names, default the
-   built-in prose of lm2_jax.data.babi.prose through the session's tokenizer). Adam, `steps` steps, all replay
-   rows and `general_rows` random windows of the general stream's first 80% per step. Trained: all parameters
-   (`rank` 0) or low-rank adapters of the kernels of `targets` in `layers` (lm2_jax.consolidate.adapters), merged.
-   Two options beyond the issue's recipe, both off by default:
+   built-in prose of lm2_jax.data.babi.prose through the session's tokenizer; with general_loss 'kl' it is
+   KL(p(. | g; theta_a, fresh) || p(. | g; theta, fresh)) instead of the NLL: the model's own predictions kept,
+   for a model whose training loss did not cover every token). Adam, `steps` steps, all replay rows and
+   `general_rows` random windows of `general_len` tokens of the general stream's first 80% per step. Trained: all
+   parameters (`rank` 0) or low-rank adapters of the kernels of `targets` in `layers`
+   (lm2_jax.consolidate.adapters), merged.
+   Four options beyond the issue's recipe, all off by default (their effect: README, "Retention benchmark"):
    - `interference` k > 0: "fresh" above becomes a fresh memory into which k random segments of general text were
      written first (new windows each step), so the student learns to answer from theta while its memory holds
      unrelated text, as it will after the sleep;
    - `rehearse` n > 0: the segments earlier sleeps replayed (their spans in the history), newest first within n
      tokens, are replayed too, with teacher p(. | r; theta_0, fresh): what theta_0 answers for them from its
-     parameters is kept, so later sleeps do not overwrite it.
+     parameters is kept, so later sleeps do not overwrite it;
+   - `weighting` 'confidence': every KL term (replay, general, rehearsal) weights position t by the teacher's top
+     probability w_t = max_v p_teacher(v | x_<=t), as sum_t m_t w_t KL_t / sum_t m_t w_t: the positions where the
+     teacher knows the next token (recall from its memory among them) outweigh those it can only guess;
+   - `general_anchor` 'first': theta_a, the teacher of a 'kl' general term, is the parameters the session had
+     before its first sleep instead of theta_0, so that drift does not add up over sleeps.
 4. Reset: the chosen units whose content the replayed segments wrote for at least `min_coverage` of it are set
    to their fresh values (kinds without slots: the whole memory).
 
@@ -98,7 +99,7 @@ def with_overrides(config: ml_collections.ConfigDict | None, **overrides) -> ml_
   for name in ("max_tokens", "steps", "general_rows"):
     check(isinstance(c[name], int) and c[name] > 0, f"consolidate.{name}", c[name], "must be a positive integer")
   check(0 <= c.min_coverage <= 1, "consolidate.min_coverage", c.min_coverage, "must be in [0, 1]")
-  for name in ("interference", "rehearse"):
+  for name in ("interference", "rehearse", "general_len"):
     check(isinstance(c[name], int) and c[name] >= 0, f"consolidate.{name}", c[name], "must be an integer >= 0")
   check(isinstance(c.rank, int) and c.rank >= 0, "consolidate.rank", c.rank, "must be >= 0 (0: full fine-tuning)")
   check(c.learning_rate > 0, "consolidate.learning_rate", c.learning_rate, "must be > 0")
