@@ -2,6 +2,7 @@ r"""The retention benchmark of the sleep phase (issue 12): facts injected, then 
 
   python -m benchmarks.retention --mode=train --kind=lm2 --out=DIR [--steps=1200 --seed=0]    # ~5-15 min on 2 cores
   python -m benchmarks.retention --mode=run --model=DIR --out=DIR2 [--seeds=0,1,2 --trials=4 --sleep_every=4]
+  python -m benchmarks.retention --mode=replay_kl --model=DIR [--seed=0]    # where a sleep's replay KL sits
 
 The task (token ids, `FactTask`): a fact is the triple `Q k v` ("the key of k is v"); asking is `Q k` with the
 answer `v` the next token. Keys and values are drawn at random per trial, so a trial's facts are new to the
@@ -174,6 +175,39 @@ def train(kind: str, out: str, steps: int, seed: int, batch_size: int = 32, num_
   print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
 
 
+def replay_kl(model_dir: str, seed: int, contexts: int = 4) -> None:
+  """Where the sleep's replay KL sits: injects `contexts` segments of a trial (4 facts, then 2 per segment) into a
+  session, computes on them the two sides of the replay KL of lm2_jax.consolidate, the teacher (the model with
+  the session's memory) and the student at theta_0 (a fresh memory), and prints per type of the predicted token
+  (a key after Q, a value after its key, any other) the teacher's top probability, the KL per position, its
+  share of the total, and how often each side's top guess is the token that comes."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from lm2_jax.consolidate.distill import _tile  # pylint: disable=import-outside-toplevel
+  from lm2_jax.sessions import Session  # pylint: disable=import-outside-toplevel
+  from lm2_jax.sessions.export import load_export  # pylint: disable=import-outside-toplevel
+
+  config, params, tok = load_export(model_dir)
+  task, rng = FactTask(), np.random.default_rng(seed)
+  values = rng.integers(0, task.num_values, task.num_keys)
+  session, segments = Session(params, config, tok), []
+  for i in range(contexts):
+    keys = task.general_keys + rng.choice(task.num_keys - task.general_keys, 4 if i == 0 else 2, replace=False)
+    segments.append(task.segment(rng, [(int(k), int(values[k])) for k in keys])[0])
+    session.inject(" ".join(map(str, segments[-1])))
+  rows, model = np.stack(segments).astype(np.int32), session.model
+  memory = _tile(model, session.state.memory, len(rows))
+  teacher = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, rows, memory)[0]), np.float64)[:, :-1]
+  student = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, rows)[0]), np.float64)[:, :-1]
+  kl = np.sum(np.exp(teacher) * (teacher - student), -1)  # position t predicts token t + 1
+  nxt, before = rows[:, 1:], np.roll(rows, 1, 1)[:, :-1]
+  kind = np.where(rows[:, :-1] == Q, "key", np.where(before == Q, "value", "other"))
+  for name in ("value", "key", "other"):
+    m = kind == name
+    print(f"{name:5s} positions {m.sum():3d}  teacher top-p {np.exp(teacher.max(-1))[m].mean():.3f}  "
+          f"KL/position {kl[m].mean():.4f}  share of KL {kl[m].sum() / kl.sum():.4f}  top guess right: teacher "
+          f"{np.mean(teacher.argmax(-1)[m] == nxt[m]):.2f}, fresh memory {np.mean(student.argmax(-1)[m] == nxt[m]):.2f}")
+
+
 def _general_stream(task: FactTask, seed: int, streams: int = 64, num_segments: int = 6) -> np.ndarray:
   """Training-distribution streams laid end to end: the general text of this model."""
   rng = np.random.default_rng(seed)
@@ -326,12 +360,13 @@ def plot(s: dict, ns: list[int], path: str, kind: str, sleep_every: int) -> None
   fig.savefig(path, dpi=120)
 
 
-_MODE = flags.DEFINE_enum("mode", None, ["train", "run"], "train: the benchmark's model; run: the trials.")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "run", "replay_kl"],
+                          "train: the benchmark's model; run: the trials; replay_kl: where a sleep's replay KL sits.")
 _KIND = flags.DEFINE_string("kind", "lm2", "train: memory kind.")
 _OUT = flags.DEFINE_string("out", None, "train: the export directory to write; run: the results directory.")
 _STEPS = flags.DEFINE_integer("steps", 1200, "train: optimizer steps.")
-_SEED = flags.DEFINE_integer("seed", 0, "train: seed.")
-_MODEL = flags.DEFINE_string("model", None, "run: the export directory of a trained model.")
+_SEED = flags.DEFINE_integer("seed", 0, "train: seed; replay_kl: seed of the facts.")
+_MODEL = flags.DEFINE_string("model", None, "run, replay_kl: the export directory of a trained model.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "run: seeds.")
 _TRIALS = flags.DEFINE_integer("trials", 4, "run: trials per seed.")
 _SLEEP_EVERY = flags.DEFINE_integer("sleep_every", 4, "run: contexts between sleeps (S).")
@@ -352,13 +387,21 @@ _SLEEP_ANCHOR = flags.DEFINE_enum("sleep_anchor", "sleep", ["sleep", "first"], "
 _SLEEP_GENERAL_LEN = flags.DEFINE_integer("sleep_general_len", 0, "run: consolidate.general_len (0: two segments).")
 _SLEEP_GENERAL_ROWS = flags.DEFINE_integer("sleep_general_rows", 8, "run: consolidate.general_rows (windows per step).")
 _SLEEP_TARGETS = flags.DEFINE_string("sleep_targets", "attn,mlp", "run: consolidate.targets (with --sleep_rank).")
-flags.mark_flags_as_required(["mode", "out"])
+flags.mark_flags_as_required(["mode"])
 
 
 def main(argv):
   del argv
+  from lm2_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+  if _MODE.value != "replay_kl" and not _OUT.value:
+    raise ConfigError(f"--out=None: --mode={_MODE.value} writes a directory; name it with --out=DIR")
+  if _MODE.value != "train" and not _MODEL.value:
+    raise ConfigError(f"--model=None: --mode={_MODE.value} reads a trained model; give --model=DIR (an export "
+                      "of --mode=train)")
   if _MODE.value == "train":
     train(_KIND.value, _OUT.value, _STEPS.value, _SEED.value)
+  elif _MODE.value == "replay_kl":
+    replay_kl(_MODEL.value, _SEED.value)
   else:
     budget = {"steps": _SLEEP_STEPS.value, "learning_rate": _SLEEP_LR.value, "rank": _SLEEP_RANK.value,
               "general_loss": _SLEEP_GENERAL.value, "general_weight": _SLEEP_GENERAL_WEIGHT.value,
