@@ -129,17 +129,26 @@ def test_the_confidence_weighted_objective_against_its_anchor_matches_numpy():
   np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
 
 
-def test_general_anchor_first_keeps_the_params_before_the_first_sleep(monkeypatch):
+def test_general_anchor_first_keeps_the_params_before_the_first_sleep(tmp_path, monkeypatch):
+  """The second sleep's general-text teacher is the params before the first: its result differs from the same
+  sleep anchored to the params before it (the session restored from disk, where no first sleep is known)."""
   s = _session()
   params0 = s.params
-  s.sleep(**_SLEEP, general_anchor="first", general_loss="kl", weighting="confidence")
+  budget = dict(_SLEEP, general_weight=1.0, general_loss="kl", general_anchor="first")
+  s.sleep(**budget)
   s.inject(_text(1, 32))
   params1 = s.params
+  s.save(str(tmp_path / "s"))
   seen = []
   real = distill.consolidate
   monkeypatch.setattr(distill, "consolidate", lambda *a, **k: seen.append(k["first_params"]) or real(*a, **k))
-  s.sleep(**_SLEEP, general_anchor="first", general_loss="kl")
-  assert seen[0] is params0 and params1 is not params0
+  s.sleep(**budget)
+  again = Session.restore(str(tmp_path / "s"), params1, s.config, TOK)
+  again.sleep(**budget)
+  assert seen[0] is params0 and seen[1] is params1
+  diff = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), s.params,
+                                      again.params))
+  assert max(diff) > 1e-6, diff
 
 
 def test_rehearsal_replays_the_segments_of_earlier_sleeps_newest_first(tmp_path):
