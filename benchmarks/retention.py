@@ -205,7 +205,8 @@ def replay_kl(model_dir: str, seed: int, contexts: int = 4) -> None:
     m = kind == name
     print(f"{name:5s} positions {m.sum():3d}  teacher top-p {np.exp(teacher.max(-1))[m].mean():.3f}  "
           f"KL/position {kl[m].mean():.4f}  share of KL {kl[m].sum() / kl.sum():.4f}  top guess right: teacher "
-          f"{np.mean(teacher.argmax(-1)[m] == nxt[m]):.2f}, fresh memory {np.mean(student.argmax(-1)[m] == nxt[m]):.2f}")
+          f"{np.mean(teacher.argmax(-1)[m] == nxt[m]):.2f}, fresh memory "
+          f"{np.mean(student.argmax(-1)[m] == nxt[m]):.2f}")
 
 
 def _general_stream(task: FactTask, seed: int, streams: int = 64, num_segments: int = 6) -> np.ndarray:

@@ -198,7 +198,8 @@ class _Functions:
     def step(trainable, opt, params, anchor, teacher_logp, toks, mask, g_rows, prefix, rehearsed):
       def loss_fn(t):
         p = effective(params, t)
-        loss = kl(p, teacher_logp, toks, mask, prefix, weighted=True) + general_weight * general_term(p, anchor, g_rows)
+        loss = (kl(p, teacher_logp, toks, mask, prefix, weighted=True)
+                + general_weight * general_term(p, anchor, g_rows))
         if rehearsed is not None:  # earlier sleeps' segments: keep what theta_0 predicts for them from the params
           r_toks, r_mask, r_prefix, r_teacher = rehearsed
           if r_teacher is None:  # a new prefix each step: theta_0's predictions from that memory, here
