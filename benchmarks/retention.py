@@ -23,8 +23,8 @@ Each trial starts from the trained parameters. Held-out general-text loss: the t
 value tokens of held-out training-distribution streams over the general keys (FactTask.general_keys; the trial's
 facts and distractors use the others), before and after all the sleeps of a trial, in all and split into recall
 (the key came earlier in the stream) and first appearances (a guess); the consolidation's own general-text term
-draws other streams of the same kind. Writes retention.json,
-retention.png (accuracy against N, one line per arm) and prints a table.
+draws other streams of the same kind. Writes retention.json, retention.png (accuracy against N, one line per arm)
+and prints a table.
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ class FactTask:
     for b, t in zip(*np.nonzero(mask)):
       recall[b, t] = toks[b, t - 1] in toks[b, np.nonzero(mask[b, :t])[0] - 1]
     return recall
+
+  def general_stream(self, rng, num_segments):
+    """A training stream over the general keys only: the general text of the trials."""
+    return self.training_stream(rng, num_segments, range(self.general_keys))
 
   def batch(self, rng, batch_size, num_segments):
     pairs = [self.training_stream(rng, num_segments) for _ in range(batch_size)]
@@ -212,8 +216,7 @@ def replay_kl(model_dir: str, seed: int, contexts: int = 4) -> None:
 def _general_stream(task: FactTask, seed: int, streams: int = 64, num_segments: int = 6) -> np.ndarray:
   """Training-distribution streams laid end to end: the general text of this model."""
   rng = np.random.default_rng(seed)
-  general = range(task.general_keys)
-  return np.concatenate([task.training_stream(rng, num_segments, general)[0] for _ in range(streams)])
+  return np.concatenate([task.general_stream(rng, num_segments)[0] for _ in range(streams)])
 
 
 class Trials:
@@ -228,8 +231,7 @@ class Trials:
     self.task, self.sleep_every, self.num_facts, self.budget = FactTask(), sleep_every, num_facts, budget
     self.ns = [0] + [2 ** i for i in range(int(np.log2(n_max)) + 1)]
     model = LM2Model(self.config.model)
-    held = [self.task.training_stream(np.random.default_rng(10**6 + i), 6, range(self.task.general_keys))
-            for i in range(64)]
+    held = [self.task.general_stream(np.random.default_rng(10**6 + i), 6) for i in range(64)]
     toks, mask = np.stack([h[0] for h in held]), np.stack([h[1] for h in held])
     recall = self.task.recall_mask(toks, mask)
     masks = {"": mask, "_recall": recall, "_first": mask & ~recall}  # all value tokens; recall; first appearances
