@@ -4,7 +4,8 @@
 
 `tokens_BT` holds T = num_segments * segment_len tokens (or T <= segment_len: one segment). The decoder runs
 segment by segment under `nn.scan`, carrying the memory state; inside a segment, ordinary causal attention. A
-token reads only memory written by earlier segments, so the model is causal across segments too.
+token reads only memory written by earlier segments, so the model is causal across segments too. (Memory kind
+'none' carries nothing, so its segments run at once, as B * num_segments rows.)
 
 The memory state is a pytree whose arrays have a leading axis over the memory-bearing layers (`layers`), then
 `batch`; its layout is the same whether layers are scanned or not. Gradients flow through the carried memory
@@ -389,17 +390,23 @@ class LM2Model(nn.Module):
     S = c.num_segments(T)
     L = T // S
     x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
-    x_SBLD = x_BTD.reshape(B, S, L, c.d_model).swapaxes(0, 1)
     ids_BT = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    ids_SBL = None if ids_BT is None else ids_BT.reshape(B, S, L).swapaxes(0, 1)
-    mem_doc_B = jnp.zeros((B,), jnp.int32) if ids_BT is None else ids_BT[:, 0]
+    # Without memory the segments are independent: one pass over rows [B * S, L] (the same attention, positions
+    # and weights; larger matmuls, no segment loop). Otherwise segment by segment over [S, B, L].
+    fold = c.memory.kind == "none"
+    split = ((lambda a: a.reshape(1, B * S, L, *a.shape[2:])) if fold else
+             (lambda a: a.reshape(B, S, L, *a.shape[2:]).swapaxes(0, 1)))
+    x_SBLD = split(x_BTD)
+    ids_SBL = None if ids_BT is None else split(ids_BT)
+    mem_doc_B = jnp.zeros(x_SBLD.shape[1], jnp.int32) if ids_BT is None else ids_SBL[0, :, 0]
 
+    steps = x_SBLD.shape[0]
     segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False, "memory": True},
-                       in_axes=0, length=S, unroll=min(S, c.segment_unroll))
+                       in_axes=0, length=steps, unroll=min(steps, c.segment_unroll))
     (memory, _, _), (y_SBLD, stats, losses) = segments(c, name="decoder")(
         (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL))
 
-    y_BTD = y_SBLD.swapaxes(0, 1).reshape(B, T, c.d_model)
+    y_BTD = (y_SBLD if fold else y_SBLD.swapaxes(0, 1)).reshape(B, T, c.d_model)
     aux = {"memory_stats": jax.tree.map(lambda a: a.mean(axis=0), stats),  # [segments, memory layers, B, ...]
            "losses": {k: v.mean() for k, v in sorted(losses.items())}}
     return self._logits(embed, y_BTD), memory, aux

@@ -16,7 +16,8 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
                            + 6 D F)                        SwiGLU: gate, up, down
     logits      2 D V
     lm2         per memory layer, N slots:
-                  10 D S                                   read q, output gate, o; write q, u
+                  8 D S                                    read q, output gate, o; write u (the write's
+                                                           queries are the read's, token-shifted)
                   + 8 N S                                  read scores and values; write scores and U
                   + 12 N S^2 / L                           per segment: slot keys, values (4 N S^2) and the
                                                            input and forget gates on [M, U] (8 N S^2)
@@ -74,7 +75,7 @@ from lm2_jax.model.config import ModelConfig
 
 
 def _lm2_memory(d: int, s: int, n: int, length: int, m) -> float:
-  return 10 * d * s + 8 * n * s + 12 * n * s * s / length + (2 * d * m.num_heads if m.write_gate else 0)
+  return 8 * d * s + 8 * n * s + 12 * n * s * s / length + (2 * d * m.num_heads if m.write_gate else 0)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float] | None:
