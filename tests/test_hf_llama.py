@@ -65,6 +65,20 @@ def test_load_matches_transformers_and_round_trips(case, tmp_path):
   np.testing.assert_allclose(_hf_logits(back, tokens), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("batch,segments", [(1, 6), (3, 8), (20, 2)])
+def test_segments_without_memory_are_transformers_on_each_segment(batch, segments, tmp_path):
+  """Memory kind 'none' over several segments: each segment's logits are transformers' on that segment alone
+  (the decoder runs G segments as one step of batch x G rows, at most decoder.FOLD_ROWS: here all 6 segments
+  in one step; 2 steps of 4; and, with 20 rows, one segment per step)."""
+  hf = _hf_model("gqa")
+  hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  config, params = hf_llama.load(str(tmp_path / "hf"))
+  config.segment_len = 8
+  tokens = np.random.default_rng(1).integers(0, BASE["vocab_size"], (batch, 8 * segments))
+  want = np.concatenate([_hf_logits(hf, tokens[:, 8 * s:8 * (s + 1)]) for s in range(segments)], axis=1)
+  np.testing.assert_allclose(_our_logits(config, params, tokens), want, atol=1e-4, rtol=0)
+
+
 def test_rope_scaling_changes_logits(tmp_path):
   """The llama3 case only tests scaling if scaling matters at these positions."""
   hf = _hf_model("llama3_rope")

@@ -5,7 +5,7 @@
 `tokens_BT` holds T = num_segments * segment_len tokens (or T <= segment_len: one segment). The decoder runs
 segment by segment under `nn.scan`, carrying the memory state; inside a segment, ordinary causal attention. A
 token reads only memory written by earlier segments, so the model is causal across segments too. (Memory kind
-'none' carries nothing, so its segments run at once, as B * num_segments rows.)
+'none' carries nothing, so several of its segments run as one step, as more rows.)
 
 The memory state is a pytree whose arrays have a leading axis over the memory-bearing layers (`layers`), then
 `batch`; its layout is the same whether layers are scanned or not. Gradients flow through the carried memory
@@ -54,6 +54,7 @@ from lm2_jax.model.config import ConfigError, ModelConfig
 from lm2_jax.model.layers import INIT_STD, MLP, Attention, RMSNorm, dense, rope_tables
 from lm2_jax.model.memory.protocol import Documents, select_rows
 
+FOLD_ROWS = 16  # rows of a scan step when memory kind 'none' runs segments together (LM2Model.__call__)
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -391,22 +392,21 @@ class LM2Model(nn.Module):
     L = T // S
     x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
     ids_BT = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    # Without memory the segments are independent: one pass over rows [B * S, L] (the same attention, positions
-    # and weights; larger matmuls, no segment loop). Otherwise segment by segment over [S, B, L].
-    fold = c.memory.kind == "none"
-    split = ((lambda a: a.reshape(1, B * S, L, *a.shape[2:])) if fold else
-             (lambda a: a.reshape(B, S, L, *a.shape[2:]).swapaxes(0, 1)))
+    # Segment by segment over [S, B, L]. Without memory the segments are independent: G of them at a time, as
+    # B * G rows (the same attention, positions and weights; larger matmuls, fewer scan steps), G the largest
+    # divisor of S with B * G <= FOLD_ROWS (rows b-major within a step, so batch sharding is unchanged).
+    G = max(g for g in range(1, S + 1) if S % g == 0 and B * g <= max(B, FOLD_ROWS)) if c.memory.kind == "none" else 1
+    split = lambda a: a.reshape(B, S // G, G * L, *a.shape[2:]).swapaxes(0, 1).reshape(S // G, B * G, L, *a.shape[2:])
     x_SBLD = split(x_BTD)
     ids_SBL = None if ids_BT is None else split(ids_BT)
-    mem_doc_B = jnp.zeros(x_SBLD.shape[1], jnp.int32) if ids_BT is None else ids_SBL[0, :, 0]
+    mem_doc_B = jnp.zeros(B * G, jnp.int32) if ids_BT is None else ids_SBL[0, :, 0]
 
-    steps = x_SBLD.shape[0]
     segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False, "memory": True},
-                       in_axes=0, length=steps, unroll=min(steps, c.segment_unroll))
+                       in_axes=0, length=S // G, unroll=min(S // G, c.segment_unroll))
     (memory, _, _), (y_SBLD, stats, losses) = segments(c, name="decoder")(
         (memory, jnp.int32(0), mem_doc_B), (x_SBLD, ids_SBL))
 
-    y_BTD = (y_SBLD if fold else y_SBLD.swapaxes(0, 1)).reshape(B, T, c.d_model)
+    y_BTD = y_SBLD.reshape(S // G, B, G * L, c.d_model).swapaxes(0, 1).reshape(B, T, c.d_model)
     aux = {"memory_stats": jax.tree.map(lambda a: a.mean(axis=0), stats),  # [segments, memory layers, B, ...]
            "losses": {k: v.mean() for k, v in sorted(losses.items())}}
     return self._logits(embed, y_BTD), memory, aux
