@@ -165,6 +165,10 @@ class LM2Memory(ReadWriteMemory):
     if m.write_gate:
       self.write_gate = dense(m.num_heads, ("embed", "heads"), "write_gate", dt, use_bias=True)
 
+  def _queries(self, h_BLD):
+    """q_BLRE = H Wq, the tokens' queries of the read (the write's are these, token-shifted)."""
+    return _pin(self.q(h_BLD), "blre")
+
   def _scores(self, slots_BNS, q_BLRE):
     """Query-key affinities [B, R, L, N] in float32 of the queries q_BLRE = Wq-projected tokens, with the same
     key projection for read and write."""
@@ -176,19 +180,19 @@ class LM2Memory(ReadWriteMemory):
     """read, then write (ReadWriteMemory.step) with one query projection: the write's queries (X Wq) are the
     read's (H Wq) token-shifted, as the shift and Wq (no bias) are linear. Saves a [L, D] x [D, S] matmul per
     segment and layer; the rounding differs from projecting X (float32: ~1e-7 relative)."""
-    q_BLRE = _pin(self.q(h_BLD), "blre")
+    q_BLRE = self._queries(h_BLD)
     out = self._read(state, q_BLRE, read_BL)
     return out, self._write(state if write_state is None else write_state, h_BLD, q_BLRE, out.stats, write_BL)
 
   def read(self, state, h_BLD, mask_BL=None) -> MemoryOut:
     """-> residual delta_BLD, stats {'read_mass': [B, N]}; the mass sums to 1 over slots, averaged over the
     tokens of `mask_BL` (all tokens when None; 0 where a row has none)."""
-    return self._read(state, _pin(self.q(h_BLD), "blre"), mask_BL)
+    return self._read(state, self._queries(h_BLD), mask_BL)
 
   def write(self, state, h_BLD, stats, mask_BL=None):
     """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches
     across the mask (the token before a document's first one belongs to another document)."""
-    return self._write(state, h_BLD, _pin(self.q(h_BLD), "blre"), stats, mask_BL)
+    return self._write(state, h_BLD, self._queries(h_BLD), stats, mask_BL)
 
   def _read(self, state, q_BLRE, mask_BL) -> MemoryOut:
     slots_BNS = state["slots"]
