@@ -80,3 +80,24 @@ def test_identity_like_slots():
   many = identity_like_slots(64, 16)  # more slots than dimensions: unit-norm, deterministic
   np.testing.assert_allclose(np.linalg.norm(many, axis=1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(many, identity_like_slots(64, 16))
+
+
+def test_attention_transpose_is_p_transpose_u_with_its_gradients():
+  """layers.attention_transpose (LM2's write sum U = P^T u by an attention kernel's backward pass, for cuDNN; here
+  the 'xla' implementation) against NumPy, and its hand-written gradients against autodiff of the einsum."""
+  from lm2_jax.model.layers import attention_transpose
+  B, L, S, H, E = 2, 5, 7, 3, 4
+  q, k, u = (jax.random.normal(jax.random.key(i), (B, n, H, E)) for i, n in enumerate((L, S, L)))
+  p = _softmax(np.einsum("blhe,bshe->bhls", np.float64(q), np.float64(k)) / np.sqrt(E), axis=-1)
+  np.testing.assert_allclose(attention_transpose(q, k, u, "xla"), np.einsum("bhls,blhe->bshe", p, np.float64(u)),
+                             rtol=1e-5, atol=1e-6)
+
+  def einsum_form(q, k, u):
+    p = jax.nn.softmax(jax.numpy.einsum("blhe,bshe->bhls", q, k) / np.sqrt(E), axis=-1)
+    return jax.numpy.einsum("bhls,blhe->bshe", p, u)
+
+  w = jax.random.normal(jax.random.key(9), (B, S, H, E))
+  grads = [jax.grad(lambda *a: (f(*a) * w).sum(), argnums=(0, 1, 2))(q, k, u)
+           for f in (lambda q, k, u: attention_transpose(q, k, u, "xla"), einsum_form)]
+  for name, g, ref in zip("qku", *grads):
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -7,6 +7,7 @@ activation carries logical axis names (lm2_jax.parallel maps them to mesh axes).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -139,6 +140,35 @@ def causal_attention(q_BLHE, k_BLKE, v_BLKE, ids_BL, kernel: str):
   ids = jnp.zeros((B, L), jnp.int32) if ids_BL is None else ids_BL
   one = lambda q, k, v, i: kernel_fn(q, k, v, segment_ids=sk.SegmentIds(q=i, kv=i))
   return jax.vmap(one)(q_BHLE, k_BHLE, v_BHLE, ids).swapaxes(1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def attention_transpose(q_BLHE, k_BSHE, u_BLHE, implementation: str):
+  """U_BSHE = P^T u: every query l adds its u_l into the keys it attends to, weighted by its attention P_ls =
+  softmax_s(q_l . k_s / sqrt(E)) (no mask; LM2's write: tokens write into the slots they address).
+
+  P^T u is the value gradient of attention P v for the output gradient u, so jax.nn.dot_product_attention's
+  `implementation` ('cudnn': flash attention, P never materialised) computes it by its backward pass. The
+  gradients are attention again: with v := dU and output gradient u, the forward gives du = P dU, and the
+  backward's query and key gradients are dq and dk (dS_ls = P_ls (u_l . dU_s - u_l . du_l) in both)."""
+  _, vjp = jax.vjp(lambda v: jax.nn.dot_product_attention(q_BLHE, k_BSHE, v, implementation=implementation),
+                   jnp.zeros_like(k_BSHE))
+  return vjp(u_BLHE)[0]
+
+
+def _attention_transpose_fwd(q, k, u, implementation):
+  return attention_transpose(q, k, u, implementation), (q, k, u)
+
+
+def _attention_transpose_bwd(implementation, residuals, dU_BSHE):
+  q, k, u = residuals
+  du, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=implementation), q, k,
+                    dU_BSHE.astype(k.dtype))
+  dq, dk, _ = vjp(u)
+  return dq, dk, du.astype(u.dtype)
+
+
+attention_transpose.defvjp(_attention_transpose_fwd, _attention_transpose_bwd)
 
 
 class Attention(nn.Module):

@@ -58,8 +58,8 @@ tokens on each side, or L + k + j + 3 for `hmt`), S slot_dim, R memory heads. Fo
                 mag  + 4 D^2                               gate, o;   mal  + 2 D^2  o
 
 `train_flops_per_token = 3 x` the sum. MFU = train_flops_per_token x tokens/s / peak FLOP/s, where the peak is
-`config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a float32 matmul, the
-number `python -m benchmarks.matmul_peak` prints).
+`config.train.peak_flops` or, when that is 0, measured by `measure_peak_flops` (a matmul in the model's dtype,
+the number `python -m benchmarks.matmul_peak` prints).
 """
 
 from __future__ import annotations

@@ -275,13 +275,16 @@ class MetricsLog:
 
 def peak_flops(config) -> tuple[float, str]:
   """(peak FLOP/s of the devices, where it came from): `config.train.peak_flops` when set (> 0), otherwise one
-  device's float32 matmul rate measured now (`measure_peak_flops`) times the device count (on CPU, the host's
-  devices share its cores: one device's rate)."""
+  device's matmul rate in the model's compute dtype measured now (`measure_peak_flops`: 1024^3 on CPU, 8192^3 on
+  an accelerator, where a small matmul is far from the peak) times the device count (on CPU, the host's devices
+  share its cores: one device's rate)."""
   configured = config.train.get("peak_flops", 0.0)
   if configured:
     return float(configured), "config.train.peak_flops"
-  devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
-  return measure_peak_flops() * devices, "measured (float32 matmul)"
+  dtype, cpu = jnp.dtype(config.model.dtype), jax.devices()[0].platform == "cpu"
+  size = 1024 if cpu else 8192
+  rate = measure_peak_flops(size, dtype) * (1 if cpu else jax.device_count())
+  return rate, f"measured ({size}^3 {dtype.name} matmul)"
 
 
 class Progress:

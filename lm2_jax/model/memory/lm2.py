@@ -38,6 +38,12 @@ The official code's input gate mean-pools the whole sequence, which lets every p
 token only ever reads memory written by earlier segments (the write may look at the whole segment: it is read
 only by later ones).
 
+Kernels: with `model.attention_kernel='cudnn'` (GPU) the read is cuDNN flash attention and the write's sum
+U = P^T (w * X Wu) runs on flash attention's backward pass (`layers.attention_transpose`), so neither materialises
+the [B, R, L, N] probabilities (as large as self-attention's scores when N ~ L); the read statistics are then a
+separate softmax outside the gradient. Otherwise both are einsums over explicit probabilities. The gates' matmuls
+run in the model dtype, the slots and gate values in float32.
+
 share_across_layers (the official code threads one memory through all layers): one state [B, N, S] instead of
 one per memory layer. Within a segment every memory layer reads the memory that entered the segment, and writes
 into what the memory layers before it wrote: M^(l+1) = write_l(M^l, H_l), M^0 the entering memory; the last
@@ -57,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm2_jax.model.config import ModelConfig, as_dict, check, positive_int
-from lm2_jax.model.layers import RMSNorm, dense
+from lm2_jax.model.layers import RMSNorm, attention_transpose, dense
 from lm2_jax.model.memory import parse_layers, register
 from lm2_jax.model.memory.protocol import MemoryOut, ReadWriteMemory
 
@@ -159,8 +165,8 @@ class LM2Memory(ReadWriteMemory):
                           use_bias=True)
     self.slot_norm = RMSNorm(c.norm_eps, dt)
     self.u = dense((m.num_heads, e), ("embed", "heads", "head_dim"), "u_proj", dt)
-    self.in_gate = dense(m.slot_dim, (None, "embed"), "in_gate", jnp.float32, use_bias=True)
-    self.forget_gate = dense(m.slot_dim, (None, "embed"), "forget_gate", jnp.float32, use_bias=True,
+    self.in_gate = dense(m.slot_dim, (None, "embed"), "in_gate", dt, use_bias=True)
+    self.forget_gate = dense(m.slot_dim, (None, "embed"), "forget_gate", dt, use_bias=True,
                              bias_init=nn.initializers.constant(m.forget_bias))
     if m.write_gate:
       self.write_gate = dense(m.num_heads, ("embed", "heads"), "write_gate", dt, use_bias=True)
@@ -196,9 +202,14 @@ class LM2Memory(ReadWriteMemory):
 
   def _read(self, state, q_BLRE, mask_BL) -> MemoryOut:
     slots_BNS = state["slots"]
-    p_BRLN = jax.nn.softmax(self._scores(slots_BNS, q_BLRE), axis=-1)
     v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
-    read_BLRE = _pin(jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE), "blre")
+    if self.cfg.attention_kernel == "cudnn":  # flash attention; the statistics' softmax is not differentiated
+      k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
+      read_BLRE = jax.nn.dot_product_attention(q_BLRE, k_BNRE, v_BNRE, implementation="cudnn")
+      p_BRLN = jax.nn.softmax(self._scores(*jax.lax.stop_gradient((slots_BNS, q_BLRE))), axis=-1)
+    else:
+      p_BRLN = jax.nn.softmax(self._scores(slots_BNS, q_BLRE), axis=-1)
+      read_BLRE = _pin(jnp.einsum("brln,bnre->blre", p_BRLN.astype(v_BNRE.dtype), v_BNRE), "blre")
     delta_BLD = nn.sigmoid(self.out_gate(read_BLRE)) * self.o(read_BLRE)
     B, R, L, _ = p_BRLN.shape
     w_BL = jnp.ones((B, L), jnp.float32) if mask_BL is None else mask_BL.astype(jnp.float32)
@@ -210,17 +221,23 @@ class LM2Memory(ReadWriteMemory):
     slots_BNS = state["slots"]
     x_BLD = _pin(token_shift(h_BLD, mask_BL), "bld")
     xq_BLRE = _pin(token_shift(q_BLRE, mask_BL), "blre")  # = X Wq
-    p_BRLN = jax.nn.softmax(self._scores(slots_BNS, xq_BLRE), axis=-1)  # each token addresses the slots
-    if mask_BL is not None:
-      p_BRLN = p_BRLN * mask_BL[:, None, :, None].astype(p_BRLN.dtype)
     u_BLRE = _pin(self.u(x_BLD), "blre")
     if self.cfg.memory.write_gate:
       u_BLRE = u_BLRE * nn.sigmoid(self.write_gate(x_BLD))[..., None]
-    u_BNRE = jnp.einsum("brln,blre->bnre", p_BRLN.astype(u_BLRE.dtype), u_BLRE, preferred_element_type=jnp.float32)
+    if self.cfg.attention_kernel == "cudnn":  # P^T u by flash attention's backward pass (attention_transpose)
+      if mask_BL is not None:
+        u_BLRE = u_BLRE * mask_BL[:, :, None, None].astype(u_BLRE.dtype)
+      k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
+      u_BNRE = attention_transpose(xq_BLRE, k_BNRE, u_BLRE, "cudnn").astype(jnp.float32)
+    else:
+      p_BRLN = jax.nn.softmax(self._scores(slots_BNS, xq_BLRE), axis=-1)  # each token addresses the slots
+      if mask_BL is not None:
+        p_BRLN = p_BRLN * mask_BL[:, None, :, None].astype(p_BRLN.dtype)
+      u_BNRE = jnp.einsum("brln,blre->bnre", p_BRLN.astype(u_BLRE.dtype), u_BLRE, preferred_element_type=jnp.float32)
     u_BNS = _pin(u_BNRE.reshape(*u_BNRE.shape[:2], -1), "bns")
     mu_BN2S = jnp.concatenate([slots_BNS, u_BNS], axis=-1)
-    g_in = _pin(nn.sigmoid(self.in_gate(mu_BN2S)), "bns")
-    g_f = _pin(nn.sigmoid(self.forget_gate(mu_BN2S)), "bns")
+    g_in = _pin(nn.sigmoid(self.in_gate(mu_BN2S).astype(jnp.float32)), "bns")
+    g_f = _pin(nn.sigmoid(self.forget_gate(mu_BN2S).astype(jnp.float32)), "bns")
     new_slots = _pin(g_in * jnp.tanh(u_BNS) + g_f * slots_BNS, "bns")
     read_mass = self.cfg.memory.read_decay * state["read_mass"] + stats["read_mass"]
     return {"slots": new_slots, "read_mass": read_mass}
