@@ -78,15 +78,16 @@ def _relative_rms(x, ref):
   return np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref**2), 1e-30))
 
 
-@pytest.mark.parametrize("kind,documents", [("none", False), ("lm2", False), ("lm2", True)])
+@pytest.mark.parametrize("kind,documents", [("none", False), ("lm2", False), ("lm2", True), ("hierarchical", False)])
 def test_bfloat16_model_with_cudnn_is_as_close_to_float32_as_with_xla(kind, documents):
-  """With 'cudnn', self-attention and LM2's read and write run on flash attention (LM2Memory). Against the float32
-  model, the bfloat16 model's logits, carried memory (slots, read statistics) and every gradient are off by no more
-  than twice the bfloat16 'xla' model's error (relative RMS), and by under 10%."""
+  """With 'cudnn', self-attention and LM2's read and write (hierarchical's general level too) run on flash
+  attention (LM2Memory). Against the float32 model, the bfloat16 model's logits, carried memory (slots, read
+  statistics) and every gradient are off by no more than twice the bfloat16 'xla' model's error (relative RMS),
+  and by under 25% (hierarchical's bank-key gradients are off by 10% with 'xla' already)."""
   ref = _model_outputs(kind, "xla", documents, "float32")
   cudnn, xla = (_model_outputs(kind, kernel, documents) for kernel in ("cudnn", "xla"))
-  leaves = lambda outs: jax.tree_util.tree_leaves_with_path(outs if kind == "lm2" else (outs[0], outs[2]))
+  leaves = lambda outs: jax.tree_util.tree_leaves_with_path(outs if kind != "none" else (outs[0], outs[2]))
   for (path, r), (_, c), (_, x) in zip(leaves(ref), leaves(cudnn), leaves(xla)):
     err_cudnn, err_xla = _relative_rms(c, r), _relative_rms(x, r)
-    assert err_cudnn <= max(2 * err_xla, 1e-3) and err_cudnn < 0.1, (jax.tree_util.keystr(path), err_cudnn,
+    assert err_cudnn <= max(2 * err_xla, 1e-3) and err_cudnn < 0.25, (jax.tree_util.keystr(path), err_cudnn,
                                                                        err_xla)
