@@ -1,5 +1,9 @@
 """The LM2 paper's 1.7B model: a Llama-3.2-1B-shaped decoder (16 layers, d_model 2048, 32 heads, 8 kv heads,
-FFN 8192) with 2048 memory slots of width 2048 in every layer."""
+FFN 8192) with 2048 memory slots of width 2048 in every layer.
+
+On a GPU add --config.model.attention_kernel=cudnn: self-attention and the memory's read and write then run on
+cuDNN flash attention (on one H100: llama3_2_1b's train step 2.3x faster than with 'xla'; lm2_1b's 1.29x faster
+with the memory on flash attention than with self-attention alone; README, "On a GPU")."""
 
 from configs import llama3_2_1b
 
