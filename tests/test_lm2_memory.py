@@ -7,6 +7,7 @@ import pytest
 
 from helpers import tiny_config
 from lm2_jax.model import ModelConfig
+from lm2_jax.model.layers import attention_transpose
 from lm2_jax.model.memory.lm2 import LM2Memory, identity_like_slots
 
 
@@ -85,7 +86,6 @@ def test_identity_like_slots():
 def test_attention_transpose_is_p_transpose_u_with_its_gradients():
   """layers.attention_transpose (LM2's write sum U = P^T u by an attention kernel's backward pass, for cuDNN; here
   the 'xla' implementation) against NumPy, and its hand-written gradients against autodiff of the einsum."""
-  from lm2_jax.model.layers import attention_transpose
   B, L, S, H, E = 2, 5, 7, 3, 4
   q, k, u = (jax.random.normal(jax.random.key(i), (B, n, H, E)) for i, n in enumerate((L, S, L)))
   p = _softmax(np.einsum("blhe,bshe->bhls", np.float64(q), np.float64(k)) / np.sqrt(E), axis=-1)

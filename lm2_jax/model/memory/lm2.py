@@ -205,7 +205,7 @@ class LM2Memory(ReadWriteMemory):
     v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
     if self.cfg.attention_kernel == "cudnn":  # flash attention; the statistics' softmax is not differentiated
       k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
-      read_BLRE = jax.nn.dot_product_attention(q_BLRE, k_BNRE, v_BNRE, implementation="cudnn")
+      read_BLRE = _pin(jax.nn.dot_product_attention(q_BLRE, k_BNRE, v_BNRE, implementation="cudnn"), "blre")
       p_BRLN = jax.nn.softmax(self._scores(*jax.lax.stop_gradient((slots_BNS, q_BLRE))), axis=-1)
     else:
       p_BRLN = jax.nn.softmax(self._scores(slots_BNS, q_BLRE), axis=-1)
