@@ -1,8 +1,11 @@
-"""Benchmark scripts (`python -m benchmarks.<name>`); what they share."""
+"""Benchmark scripts (`python -m benchmarks.<name>`); what they share. They run with the launchers' host memory
+setting (launch/host_memory.py), applied by importing `launch` first."""
 
 import ast
 
 from absl import app
+
+import launch  # noqa: F401  (keeps freed host memory mapped, before JAX starts its threads)
 
 
 def model_overrides(items, flag: str) -> dict:
