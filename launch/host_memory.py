@@ -28,4 +28,4 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):  # not Linux with glibc
     return False
   return all(mallopt(param, value) == 1 for param, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: SIZE_MAX, never

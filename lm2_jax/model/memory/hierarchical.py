@@ -227,7 +227,6 @@ class HierarchicalMemory(ReadWriteMemory):
     def skip(_):
       return jnp.zeros_like(q_BLRE), jnp.zeros((B, L, k, N1), jnp.float32)
 
-    attend = jax.checkpoint(attend)  # the backward recomputes it from the banks rather than keep its copies
     if m.skip_threshold > 0:
       read_BLRE, mass_BLkN = jax.lax.cond(active_BL.any(), attend, skip, None)
     else:
@@ -283,13 +282,11 @@ class HierarchicalMemory(ReadWriteMemory):
     order_BmN = jnp.argsort(_gather_rows(mass_BKN, banks_Bm), axis=-1)
     slot_Bm = jnp.take_along_axis(order_BmN, rank_Bm[..., None], -1)[..., 0]
 
-    # The writes as one-hot [B, m, K, N1] (the m targets are distinct slots): a dense blend, whose backward keeps
-    # [B, K, N1] instead of a mask the size of the banks (a scatter's).
-    hit_BmKN = (jax.nn.one_hot(banks_Bm, m.num_banks)[..., None] * jax.nn.one_hot(slot_Bm, m.bank_slots)[..., None, :]
-                * valid_Bm[..., None, None])
-    hit_BKN = hit_BmKN.sum(axis=1)
-    slots_BKNS = (state["bank_slots"] * (1 - hit_BKN[..., None])
-                  + jnp.einsum("bmkn,bms->bkns", hit_BmKN, content_BmS))
-    fresh_BK = mass_BKN.mean(axis=-1)
-    mass_BKN = jax.lax.stop_gradient(mass_BKN * (1 - hit_BKN) + hit_BKN * fresh_BK[..., None])
+    def put(slots_KNS, mass_KN, banks, slot, content, valid):
+      old = slots_KNS[banks, slot]
+      slots_KNS = slots_KNS.at[banks, slot].set(jnp.where(valid[:, None], content, old))
+      fresh_mass = jnp.where(valid, mass_KN.mean(axis=-1)[banks], mass_KN[banks, slot])
+      return slots_KNS, mass_KN.at[banks, slot].set(fresh_mass)
+
+    slots_BKNS, mass_BKN = jax.vmap(put)(state["bank_slots"], mass_BKN, banks_Bm, slot_Bm, content_BmS, valid_Bm)
     return {"general": general, "bank_slots": slots_BKNS, "bank_read_mass": mass_BKN}
