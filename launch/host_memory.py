@@ -1,14 +1,15 @@
 """Keep freed host memory in the process instead of handing it back to the kernel after every step (glibc).
 
 XLA:CPU allocates a train step's temporaries afresh at every step and frees them at its end. With glibc's
-defaults, memory freed by its worker threads goes back to the kernel (per-thread arenas trim their heaps, large
-blocks are unmapped), and the next step takes a page fault on every page it touches again: 175-273 MiB of faults
-per step at the issue-15 shape (`none`, `rmt`, `lm2`), 9-13% of the step's CPU time spent in the kernel
-(benchmarks/PERF_NOTES.md, section 9). One arena for all threads, no mmap for large blocks and no trimming keep
-the pages mapped: a process holds on to its peak host memory, which a training process reaches anyway.
+defaults, the memory its worker threads free goes back to the kernel (their arenas trim it), and the next step
+takes a page fault on every page it touches again: 175-273 MiB of faults per step at the issue-15 shape (`none`,
+`rmt`, `lm2`), 12-14% of the step's CPU time spent in the kernel (benchmarks/PERF_NOTES.md, section 9). One
+arena for all threads, no mmap for large blocks and no trimming keep the pages mapped (most of them: some
+processes still fault, for reasons not found): a process holds on to its peak host memory, which a training
+process reaches anyway.
 
-Applied when the `launch` package is imported (every launcher, and the benchmarks through it), before JAX starts
-its threads; a library user can call `keep_freed_memory()` first thing. Off with LM2_KEEP_HOST_MEMORY=0, and a
+Applied when the `launch` package is imported (every launcher, and the benchmarks through it), before
+JAX starts its threads; a library user can `import launch` first thing. Off with LM2_KEEP_HOST_MEMORY=0, and a
 no-op where the C library is not glibc.
 """
 

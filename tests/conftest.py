@@ -10,8 +10,6 @@ if os.environ.get("LM2_TEST_XLA_OPT") != "1":
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import launch  # noqa: E402,F401  (keeps freed host memory mapped, as the launchers do: launch/host_memory.py)
-
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
