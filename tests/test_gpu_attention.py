@@ -1,5 +1,6 @@
 """The GPU attention kernel (`model.attention_kernel='cudnn'`) against a NumPy transcription of causal grouped-query
-attention within documents, and a bfloat16 model against the same model with the `xla` kernel.
+attention within documents, its gradients against the `xla` kernel's, and bfloat16 models with `cudnn` (LM2's
+memory on flash attention too) against the float32 model, as close as with `xla`.
 
 Runs only where JAX's default backend is a GPU (`JAX_PLATFORMS=cuda python -m pytest tests/test_gpu_attention.py`);
 CI has none, so it is skipped there.
@@ -10,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import tiny_config
 from lm2_jax.model import LM2Model, init_params
 from lm2_jax.model.layers import causal_attention
 from lm2_jax.train.loss import next_token_loss
-from helpers import tiny_config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN flash attention)")
 
