@@ -175,10 +175,14 @@ class LM2Memory(ReadWriteMemory):
     """q_BLRE = H Wq, the tokens' queries of the read (the write's are these, token-shifted)."""
     return _pin(self.q(h_BLD), "blre")
 
+  def _keys(self, slots_BNS):
+    """k_BNRE = M~ Wk, the slots' keys, shared by read and write."""
+    return _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
+
   def _scores(self, slots_BNS, q_BLRE):
     """Query-key affinities [B, R, L, N] in float32 of the queries q_BLRE = Wq-projected tokens, with the same
     key projection for read and write."""
-    k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
+    k_BNRE = self._keys(slots_BNS)
     scores = jnp.einsum("blre,bnre->brln", q_BLRE, k_BNRE, preferred_element_type=jnp.float32)
     return _pin(scores / np.sqrt(q_BLRE.shape[-1]).astype(np.float32), "brln")
 
@@ -204,7 +208,7 @@ class LM2Memory(ReadWriteMemory):
     slots_BNS = state["slots"]
     v_BNRE = _pin(self.v(self.slot_norm(slots_BNS)), "bnre")
     if self.cfg.attention_kernel == "cudnn":  # flash attention; the statistics' softmax is not differentiated
-      k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
+      k_BNRE = self._keys(slots_BNS)
       read_BLRE = _pin(jax.nn.dot_product_attention(q_BLRE, k_BNRE, v_BNRE, implementation="cudnn"), "blre")
       p_BRLN = jax.nn.softmax(self._scores(*jax.lax.stop_gradient((slots_BNS, q_BLRE))), axis=-1)
     else:
@@ -227,8 +231,7 @@ class LM2Memory(ReadWriteMemory):
     if self.cfg.attention_kernel == "cudnn":  # P^T u by flash attention's backward pass (attention_transpose)
       if mask_BL is not None:
         u_BLRE = u_BLRE * mask_BL[:, :, None, None].astype(u_BLRE.dtype)
-      k_BNRE = _pin(self.k(self.slot_norm(slots_BNS)), "bnre")
-      u_BNRE = attention_transpose(xq_BLRE, k_BNRE, u_BLRE, "cudnn").astype(jnp.float32)
+      u_BNRE = attention_transpose(xq_BLRE, self._keys(slots_BNS), u_BLRE, "cudnn").astype(jnp.float32)
     else:
       p_BRLN = jax.nn.softmax(self._scores(slots_BNS, xq_BLRE), axis=-1)  # each token addresses the slots
       if mask_BL is not None:
