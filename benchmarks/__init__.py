@@ -2,6 +2,7 @@
 setting (launch/host_memory.py), applied by importing `launch` first."""
 
 import ast
+import time
 
 from absl import app
 
@@ -21,3 +22,19 @@ def model_overrides(items, flag: str) -> dict:
     except (ValueError, SyntaxError):
       out[key.strip()] = value.strip()
   return out
+
+
+def timed_calls(fn, repeats: int) -> tuple[float, list[float]]:
+  """(seconds of the first call of `fn`: compilation and one step, seconds of each of the next `repeats` calls),
+  each call waited for (`jax.block_until_ready` on what `fn` returns)."""
+  import jax  # here: the package imports `launch` before anything starts JAX
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return first, times

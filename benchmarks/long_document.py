@@ -14,13 +14,11 @@ whatever the length). `--override` sets config.model fields (`field=value`, repe
 """
 
 import statistics
-import time
 
-import jax
 import numpy as np
 from absl import flags
 
-from benchmarks import model_overrides
+from benchmarks import model_overrides, timed_calls
 from configs import defaults
 from launch import cli
 from lm2_jax.train import trainer
@@ -44,14 +42,7 @@ def _config(kind: str, length: int):
 
 def _median_seconds(fn) -> tuple[float, float]:
   """(first call's seconds: compilation and one step, median seconds of the next `repeats` calls)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(_REPEATS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
+  first, times = timed_calls(fn, _REPEATS.value)
   return first, statistics.median(times)
 
 

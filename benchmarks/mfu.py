@@ -19,13 +19,13 @@ attention kernel (`--config.model.attention_kernel=cudnn` on a GPU).
 """
 
 import statistics
-import time
 
 import jax
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from benchmarks import timed_calls
 from launch import cli
 from lm2_jax.train import trainer
 from lm2_jax.train.flops import train_flops_per_token
@@ -47,16 +47,13 @@ def main(argv):
   batch = trainer.put_batch(setup, {"tokens": tokens})
   step = trainer.make_train_step(setup)
 
-  t0 = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(_STEPS.value):
-    t0 = time.perf_counter()
+  def train():
+    nonlocal state, metrics
     state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+    return metrics
+
+  metrics = None
+  first, times = timed_calls(train, _STEPS.value)
   seconds = statistics.median(times)
 
   devices = jax.devices()
