@@ -2,7 +2,7 @@ r"""Is bare bAbI qa1 learnable at our scale? A reference decoder written apart f
 
   python -m benchmarks.qa1_reference [--steps=12000] [--d_model=64] [--layers=4] [--heads=4] [--batch=32]
                                      [--learning_rate=1e-3] [--eval_every=500] [--seed=0]
-                                     [--curriculum_steps=K --max_sentences=N --not_latest]
+                                     [--curriculum_steps=K --max_sentences=N --not_latest] [--alibi]
 
 Every LM2-family model we trained on qa1 without distractors (the 0K stage of the BABILong curriculum) stalls
 at 38-51% (README, "Retention"): it answers the latest place anyone went to, not the latest place of the person
@@ -47,6 +47,8 @@ _CURRICULUM = flags.DEFINE_integer("curriculum_steps", 0, "Steps of the curricul
 _MAX_SENTENCES = flags.DEFINE_integer("max_sentences", 10, "Curriculum: at most this many story sentences.")
 _NOT_LATEST = flags.DEFINE_bool("not_latest", False, "Curriculum: only answers that are not the latest place.")
 _SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
+_ALIBI = flags.DEFINE_bool("alibi", False, "Add ALiBi's recency bias to the attention scores: -slope_h * (q - k), "
+                           "slopes 2^(-8 h / heads) for h = 1..heads (Press et al., 2022).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "workdir/babilong/spm.model", "The BABILong configs' tokenizer.")
 
 ROW = 96  # a bare qa1 sample has at most 94 tokens: bos, 10 sentences of at most 8, question, cue, answer, eos
@@ -100,14 +102,16 @@ def _layer_norm(x, g):
   return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * g
 
 
-def forward(params, x_BT, heads):
+def forward(params, x_BT, heads, alibi=False):
   """-> logits [B, T, vocab]."""
   h_BTD = params["embed"][x_BT] + params["pos"]
   B, T, D = h_BTD.shape
   causal_TT = jnp.tril(jnp.ones((T, T), bool))
+  slopes_H = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads) if alibi else np.zeros(heads)
+  bias_HTT = -slopes_H[:, None, None] * (np.arange(T)[:, None] - np.arange(T)[None, :])
   for p in params["blocks"]:
     q, k, v = (a.reshape(B, T, heads, D // heads) for a in jnp.split(_layer_norm(h_BTD, p["norm1"]) @ p["qkv"], 3, -1))
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(D // heads)
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(D // heads) + bias_HTT
     att = jax.nn.softmax(jnp.where(causal_TT, scores, -1e9), axis=-1)
     h_BTD = h_BTD + jnp.einsum("bhqk,bkhe->bqhe", att, v).reshape(B, T, D) @ p["out"]
     h_BTD = h_BTD + jax.nn.gelu(_layer_norm(h_BTD, p["norm2"]) @ p["up"]) @ p["down"]
@@ -128,7 +132,7 @@ def main(argv):
   heads = _HEADS.value
 
   def loss_fn(params, x_BT, mask_BT):
-    ce = optax.softmax_cross_entropy_with_integer_labels(forward(params, x_BT, heads)[:, :-1], x_BT[:, 1:])
+    ce = optax.softmax_cross_entropy_with_integer_labels(forward(params, x_BT, heads, _ALIBI.value)[:, :-1], x_BT[:, 1:])
     return (ce * mask_BT[:, 1:]).sum() / mask_BT[:, 1:].sum()
 
   schedule = optax.warmup_cosine_decay_schedule(0.0, _LR.value, min(_WARMUP.value, _STEPS.value - 1), _STEPS.value)
@@ -144,7 +148,7 @@ def main(argv):
 
   @jax.jit
   def predict(params, x_BT, first_B):
-    return jnp.take_along_axis(forward(params, x_BT, heads).argmax(-1), first_B[:, None] - 1, 1)[:, 0]
+    return jnp.take_along_axis(forward(params, x_BT, heads, _ALIBI.value).argmax(-1), first_B[:, None] - 1, 1)[:, 0]
 
   n_params = sum(a.size for a in jax.tree.leaves(params))
   print(f"reference GPT: {n_params:,} parameters, d_model {_D.value}, {_LAYERS.value} layers, {heads} heads; "

@@ -360,11 +360,14 @@ class LM2Model(nn.Module):
           f"{tokens_BT.shape[0]}: expected {expected}, got {got}. Make it with model.init_memory(batch_size).")
 
   @nn.compact
-  def __call__(self, tokens_BT, memory=None, segment_ids=None, *, cache=None, cache_index=None):
+  def __call__(self, tokens_BT, memory=None, segment_ids=None, *, memory_document=None, cache=None,
+               cache_index=None):
     """tokens_BT int [B, T] -> (logits_BTV float32, new memory, aux).
 
     segment_ids: optional int [B, T] document id of each token (packed rows); attention and memory stay
-    within a document (module docstring).
+    within a document (module docstring). memory_document: optional int [B], the document `memory` belongs to
+    (default: the first token's), so that a row continued from the middle of a longer one (the trainer's
+    windows) reads and writes exactly as the longer row would.
 
     aux["memory_stats"]: the memory kind's read statistics averaged over segments (lm2: `read_mass`
     [num_memory_layers, B, num_slots]; rmt: none); aux["losses"]: the kind's auxiliary losses (weighted scalars,
@@ -400,6 +403,8 @@ class LM2Model(nn.Module):
     x_SBLD = split(x_BTD)
     ids_SBL = None if ids_BT is None else split(ids_BT)
     mem_doc_B = jnp.zeros(B * G, jnp.int32) if ids_BT is None else ids_SBL[0, :, 0]
+    if memory_document is not None and ids_BT is not None and G == 1:  # G > 1 only without memory
+      mem_doc_B = memory_document.astype(jnp.int32)
 
     segments = nn.scan(SegmentDecoder, variable_broadcast="params", split_rngs={"params": False, "memory": True},
                        in_axes=0, length=S // G, unroll=min(S // G, c.segment_unroll))

@@ -6,6 +6,7 @@ The state holds the step, params, optimizer state and the training memory. With 
 the memory written by one batch is read by the next (a continuing stream, as in RMT/LM2 training on long
 documents), except in rows whose batch starts a new document (`new_document`, from packed sources); otherwise
 every batch starts from a fresh memory. A batch's `segment_ids` keep attention and memory inside documents.
+A row longer than the memory's gradient window runs window by window (`row_windows`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lm2_jax.train import guards
 from lm2_jax.train.checkpoint import Checkpointer, config_json
 from lm2_jax.train.config import check_run_config
 from lm2_jax.train.flops import measure_peak_flops, train_flops_per_token
-from lm2_jax.train.loss import next_token_loss
+from lm2_jax.train.loss import next_token_targets, weighted_cross_entropy
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -117,14 +118,74 @@ def _abstract_state(setup: Setup):
   return jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, jax.random.key(0))))
 
 
-def _loss_fn(model, params, batch, memory, rng=None):
-  """`rng`: the `memory` RNG stream (MemoryLLM's random drops); without it stochastic kinds draw from their state."""
+def row_windows(model_config, seq_len: int) -> int:
+  """How many windows the steps run a row of `seq_len` tokens in, one after another: seq_len / (bptt_segments x
+  segment_len) when the memory's gradient window (`model.bptt_segments` > 0) splits the row into several, else 1.
+
+  No gradient crosses a window (the memory entering one is cut from the graph), so the sum of the windows'
+  gradients is the row's gradient; but only one window's activations are held at a time, so a step's memory
+  and its cost per token do not grow with the row (benchmarks/long_document.py)."""
+  window = model_config.bptt_segments * model_config.segment_len
+  return seq_len // window if window and seq_len > window and seq_len % window == 0 else 1
+
+
+def _window_loss(model, params, batch, memory, total, rng, windows):
+  """One window: (its share of the row's objective, (summed cross-entropy, summed correct, new memory, aux)).
+  `batch` holds tokens, targets, weights ([B, N]) and optionally segment_ids and memory_document ([B], the
+  document of the token before the window); `total` is the row's weight; `windows` in the row (auxiliary
+  losses are means over segments: each window adds its mean / windows). A whole row (windows == 1) leaves out its
+  last position, which predicts nothing (weight 0), as `next_token_loss` does."""
   logits, new_memory, aux = model.apply({"params": params}, batch["tokens"], memory,
                                         segment_ids=batch.get("segment_ids"),
+                                        memory_document=batch.get("memory_document"),
                                         rngs=None if rng is None else {"memory": rng})
-  loss, accuracy = next_token_loss(logits, batch["tokens"], batch.get("loss_mask"))
-  total = loss + sum(aux["losses"].values(), jnp.float32(0))
-  return total, (loss, accuracy, new_memory, aux)
+  n = logits.shape[1] - 1 if windows == 1 else logits.shape[1]
+  ce, correct = weighted_cross_entropy(logits[:, :n], batch["targets"][:, :n], batch["weights"][:, :n])
+  auxiliary = sum(aux["losses"].values(), jnp.float32(0))
+  return ce / total + (auxiliary if windows == 1 else auxiliary / windows), (ce, correct, new_memory, aux)
+
+
+def _loss_and_grads(model, params, batch, memory, rng=None, with_grads=True):
+  """The batch's loss, accuracy, memory after it, aux (statistics and auxiliary losses averaged over segments)
+  and, `with_grads`, the gradients of loss + auxiliary losses, window by window (`row_windows`). `rng`: the
+  `memory` RNG stream (MemoryLLM's random drops), folded with the window index; without it stochastic kinds
+  draw from their state."""
+  tokens = batch["tokens"]
+  B, T = tokens.shape
+  W = row_windows(model.config, T)
+  targets, weights = next_token_targets(tokens, batch.get("loss_mask"))
+  total = jnp.maximum(weights.sum(), 1.0)
+  rows = {"tokens": tokens, "targets": targets, "weights": weights}
+  if "segment_ids" in batch:
+    rows["segment_ids"] = batch["segment_ids"]
+
+  def window(memory, xs, rng):
+    fn = lambda p: _window_loss(model, p, xs, memory, total, rng, W)
+    if with_grads:
+      return jax.grad(fn, has_aux=True)(params)
+    return None, fn(params)[1]
+
+  if W == 1:
+    grads, (ce, correct, new_memory, aux) = window(memory, rows, rng)
+  else:
+    # [B, T] -> [W, B, T / W]. The memory entering a window belongs to the document of the token before it, as
+    # within one call (the row's first window: its first token's, after `new_document` in _carried_memory).
+    xs = jax.tree.map(lambda a: a.reshape(B, W, T // W).swapaxes(0, 1), rows)
+    if "segment_ids" in rows:
+      ids = rows["segment_ids"]
+      xs["memory_document"] = jnp.concatenate([ids[:, :1], ids[:, T // W - 1:-1:T // W]], axis=1).T
+
+    def body(carry, x):
+      memory, acc = carry
+      xs, w = x
+      g, out = window(memory, xs, None if rng is None else jax.random.fold_in(rng, w))
+      acc = acc if g is None else jax.tree.map(jnp.add, acc, g)
+      return (out[2], acc), (out[0], out[1], out[3])
+
+    acc = jax.tree.map(jnp.zeros_like, params) if with_grads else None
+    (new_memory, grads), (ce, correct, aux) = jax.lax.scan(body, (memory, acc), (xs, jnp.arange(W)))
+    ce, correct, aux = ce.sum(), correct.sum(), jax.tree.map(lambda a: a.mean(axis=0), aux)
+  return ce / total, correct / total, new_memory, aux, grads
 
 
 def _memory_metrics(aux) -> dict[str, jax.Array]:
@@ -153,9 +214,8 @@ def make_train_step(setup: Setup):
 
   def step_fn(state: TrainState, batch):
     memory = _carried_memory(model, state.memory, batch) if continuing else model.init_memory(setup.batch_size)
-    grads, (loss, accuracy, new_memory, aux) = jax.grad(
-        lambda p: _loss_fn(model, p, batch, memory, jax.random.fold_in(jax.random.key(config.train.seed), state.step)),
-        has_aux=True)(state.params)
+    rng = jax.random.fold_in(jax.random.key(config.train.seed), state.step)
+    loss, accuracy, new_memory, aux, grads = _loss_and_grads(model, state.params, batch, memory, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     health = guards.step_health(loss, grads, params)
@@ -179,7 +239,8 @@ def make_eval_step(setup: Setup):
   model = setup.model
 
   def eval_fn(params, batch, memory):
-    _, (loss, accuracy, new_memory, aux) = _loss_fn(model, params, batch, _carried_memory(model, memory, batch))
+    loss, accuracy, new_memory, aux, _ = _loss_and_grads(model, params, batch, _carried_memory(model, memory, batch),
+                                                         with_grads=False)
     return {"loss": loss, "accuracy": accuracy, **_memory_metrics(aux)}, new_memory
 
   return jax.jit(eval_fn)
