@@ -1,12 +1,13 @@
 r"""Step time against document length: is the cost per token flat from 4K to 64K tokens?
 
   python -m benchmarks.long_document [--kinds=none,lm2] [--lengths=4096,16384,65536] [--repeats=3]
-                                     [--override=remat_policy=full] ...
+                                     [--override=remat_policy=full] [--window_tokens=N] ...
 
 One row of one document of each length (batch 1), the issue-15 shape otherwise: width 256, 4 layers, 4 heads,
 128-token segments, vocab 1024, float32, 16 memory slots, gradients through the carried memory within windows of
 `bptt_segments` (the config default, 4). Per kind and length it times the trainer's train step (forward, backward,
-AdamW: `lm2_jax.train.trainer.make_train_step`, what `launch.train` runs) and its eval step (forward and loss:
+AdamW: `lm2_jax.train.trainer.make_train_step`, what `launch.train` runs; a row longer than `train.window_tokens`,
+4096 by default, runs in windows of that many tokens, `trainer.row_windows`) and its eval step (forward and loss:
 `make_eval_step`), the median of `--repeats` after compilation, and prints seconds, tokens/s and each length's
 time over the shortest one's, against the ratio of lengths (16x for 4K -> 64K): a ratio at or below it means the
 cost per token does not grow with the document. Compilation time is printed too (the segment scan compiles once,
@@ -28,6 +29,8 @@ _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384", "65536"], "Document le
                              "the reference).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per length (the median is reported).")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "config.model field=value (a Python literal or a string).")
+_WINDOW = flags.DEFINE_integer("window_tokens", None, "train.window_tokens (default: the config's; 0: the whole row "
+                               "at once, as before windows).")
 
 
 def _config(kind: str, length: int):
@@ -37,6 +40,8 @@ def _config(kind: str, length: int):
   config.model.update(model_overrides(_OVERRIDES.value, "--override"))
   config.model.memory.update(dict(kind=kind, num_slots=16, num_heads=4))
   config.train.update(dict(batch_size=1, seq_len=length, warmup_steps=1))
+  if _WINDOW.value is not None:
+    config.train.window_tokens = _WINDOW.value
   return config
 
 
@@ -68,7 +73,8 @@ def measure(kind: str, length: int) -> dict[str, float]:
 def main(argv):
   del argv
   lengths = [int(n) for n in _LENGTHS.value]
-  print(f"batch 1, width 256, 4 layers, 128-token segments, float32, overrides {_OVERRIDES.value or 'none'}; "
+  print(f"batch 1, width 256, 4 layers, 128-token segments, float32, overrides {_OVERRIDES.value or 'none'}, "
+        f"window_tokens {_config('none', 4096).train.window_tokens}; "
         f"median of {_REPEATS.value} after compilation", flush=True)
   print("\n| kind | tokens | train s | train tokens/s | train vs first | eval s | eval vs first | length ratio | "
         "first train call s |\n|---|---|---|---|---|---|---|---|---|", flush=True)

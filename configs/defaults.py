@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 0.1
   config.train.grad_clip_norm = 1.0
   config.train.grad_accum_steps = 1
+  config.train.window_tokens = 4096     # a longer row runs in windows of whole bptt windows (model.bptt_segments x
+                                        # segment_len), one forward/backward at a time: the same gradients, memory
+                                        # per step flat in the row's length (0: the whole row at once)
   config.train.log_every = 50
   config.train.peak_flops = 0.0         # FLOP/s that `mfu` in metrics.jsonl is relative to (0: measured at start)
   config.train.nonfinite = "stop"       # a step with a non-finite loss, gradient or update: 'stop' with a

@@ -38,6 +38,7 @@ BAD_SETTINGS = [
     ("train.learning_rate", -1e-3, "must be a finite number >= 0"),
     ("train.b2", 1.0, "must be a finite number in [0, 1)"),
     ("train.nonfinite", "ignore", "use one of ('stop', 'skip')"),
+    ("train.window_tokens", -1, "must be an integer >= 0"),
 ]
 
 

@@ -186,17 +186,20 @@ def test_text_launchers_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("kind", ["lm2", "hierarchical", "rmt"])
 def test_windowed_row_equals_the_whole_row(kind):
-  """A row of 4 gradient windows (bptt_segments=1, 4 segments of 8 tokens) is run window by window
-  (`trainer.row_windows`); its loss, accuracy, memory after the row and gradients must equal plain autodiff of the
-  row's loss in one model call. Documents start at a window boundary (token 16) and inside a window (token 21),
+  """A row of 4 gradient windows (bptt_segments=1, 4 segments of 8 tokens, window_tokens=8) is run window by
+  window (`trainer.row_windows`); its loss, accuracy, memory after the row and gradients must equal plain
+  autodiff of the row's loss in one model call. Documents start at a window boundary (token 16) and inside a window (token 21),
   so a window that starts a document must start from a fresh memory."""
   config = small_config(kind=kind, continuing=True)
   config.model.update(dict(bptt_segments=1))
-  config.train.update(dict(batch_size=2, seq_len=32))
+  config.train.update(dict(batch_size=2, seq_len=32, window_tokens=8))
   if kind == "hierarchical":
     config.model.memory.update(dict(num_slots=4, num_banks=4, bank_slots=4, top_k=2, write_tokens=4))
   setup = trainer.build(config, jax.devices()[:1])
-  assert trainer.row_windows(setup.model.config, 32) == 4
+  assert trainer.row_windows(setup.model.config, 32, 8) == 4
+  assert trainer.row_windows(setup.model.config, 32, 20) == 2  # 16 tokens: the most whole windows that fit
+  assert trainer.row_windows(setup.model.config, 24, 16) == 3  # 16 does not divide 24: windows of 8
+  assert trainer.row_windows(setup.model.config, 32, 32) == 1
   state = trainer.init_state(setup)
   model, params = setup.model, state.params
   rng = np.random.default_rng(0)
@@ -212,11 +215,11 @@ def test_windowed_row_equals_the_whole_row(kind):
     return loss + sum(aux["losses"].values(), 0.0), (loss, accuracy, new_memory)
 
   grads, (loss, accuracy, new_memory) = jax.grad(whole_row, has_aux=True)(params)
-  w_loss, w_accuracy, w_memory, _, w_grads = trainer._loss_and_grads(model, params, batch, memory)
+  w_loss, w_accuracy, w_memory, _, w_grads = trainer._loss_and_grads(model, params, batch, memory, window_tokens=8)
   np.testing.assert_allclose(w_loss, loss, rtol=1e-5)
   np.testing.assert_allclose(w_accuracy, accuracy, rtol=1e-6)
   chex.assert_trees_all_close(w_memory, new_memory, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(w_grads, grads, atol=1e-6, rtol=1e-4)
-  e_loss, _, e_memory, _, _ = trainer._loss_and_grads(model, params, batch, memory, with_grads=False)
-  np.testing.assert_allclose(e_loss, loss, rtol=1e-5)
+  metrics, e_memory = trainer.make_eval_step(setup)(params, batch, memory)  # the eval step, in windows too
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   chex.assert_trees_all_close(e_memory, new_memory, atol=1e-5, rtol=1e-5)

@@ -38,6 +38,9 @@ def check_run_config(config) -> None:
     positive_int(c, name, "checkpoint")
   check(isinstance(t.warmup_steps, int) and not isinstance(t.warmup_steps, bool) and t.warmup_steps >= 0,
         "train.warmup_steps", t.warmup_steps, "must be an integer >= 0 (values >= train.steps are clipped)")
+  window = t.get("window_tokens", 0)
+  check(isinstance(window, int) and not isinstance(window, bool) and window >= 0, "train.window_tokens", window,
+        "must be an integer >= 0: tokens of a row per forward/backward window (0: the whole row at once)")
   check(isinstance(t.seed, int) and not isinstance(t.seed, bool), "train.seed", t.seed, "must be an integer")
   _real(t, "learning_rate", "train", 0)
   _real(t, "final_lr_fraction", "train", 0, 1)

@@ -6,7 +6,7 @@ The state holds the step, params, optimizer state and the training memory. With 
 the memory written by one batch is read by the next (a continuing stream, as in RMT/LM2 training on long
 documents), except in rows whose batch starts a new document (`new_document`, from packed sources); otherwise
 every batch starts from a fresh memory. A batch's `segment_ids` keep attention and memory inside documents.
-A row longer than the memory's gradient window runs window by window (`row_windows`).
+A row longer than `train.window_tokens` runs window by window (`row_windows`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ from lm2_jax.train.config import check_run_config
 from lm2_jax.train.flops import measure_peak_flops, train_flops_per_token
 from lm2_jax.train.loss import next_token_targets, weighted_cross_entropy
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+DEFAULT_WINDOW_TOKENS = 4096  # train.window_tokens (configs/defaults.py)
 
 
 @flax.struct.dataclass
@@ -118,15 +121,27 @@ def _abstract_state(setup: Setup):
   return jax.eval_shape(lambda: nn.unbox(_boxed_state(setup.model, setup.tx, setup.config, jax.random.key(0))))
 
 
-def row_windows(model_config, seq_len: int) -> int:
-  """How many windows the steps run a row of `seq_len` tokens in, one after another: seq_len / (bptt_segments x
-  segment_len) when the memory's gradient window (`model.bptt_segments` > 0) splits the row into several, else 1.
+def row_windows(model_config, seq_len: int, window_tokens: int) -> int:
+  """How many windows the steps run a row of `seq_len` tokens in, one after another (`train.window_tokens`).
 
-  No gradient crosses a window (the memory entering one is cut from the graph), so the sum of the windows'
-  gradients is the row's gradient; but only one window's activations are held at a time, so a step's memory
-  and its cost per token do not grow with the row (benchmarks/long_document.py)."""
-  window = model_config.bptt_segments * model_config.segment_len
-  return seq_len // window if window and seq_len > window and seq_len % window == 0 else 1
+  A window is a whole number of the memory's gradient windows (`model.bptt_segments` x `segment_len` tokens),
+  the most that fit in `window_tokens` (at least one) and divide the row. No gradient crosses a window (the
+  memory entering one is cut from the graph), so the sum of the windows' gradients is the row's gradient; but
+  only one window's activations are held at a time, so a step's memory and its cost per token do not grow with
+  the row (benchmarks/long_document.py). 1 when the row fits `window_tokens`, when gradients flow through the
+  whole row (`bptt_segments=0`) or when `window_tokens` is 0."""
+  unit = model_config.bptt_segments * model_config.segment_len
+  if not unit or not window_tokens or seq_len <= window_tokens or seq_len % unit:
+    return 1
+  k = max(1, window_tokens // unit)
+  while (seq_len // unit) % k:
+    k -= 1
+  return seq_len // (k * unit)
+
+
+def window_tokens_of(config) -> int:
+  """`train.window_tokens`; configs saved before it existed get its default."""
+  return config.train.get("window_tokens", DEFAULT_WINDOW_TOKENS)
 
 
 def _window_loss(model, params, batch, memory, total, rng, windows):
@@ -145,14 +160,14 @@ def _window_loss(model, params, batch, memory, total, rng, windows):
   return ce / total + (auxiliary if windows == 1 else auxiliary / windows), (ce, correct, new_memory, aux)
 
 
-def _loss_and_grads(model, params, batch, memory, rng=None, with_grads=True):
+def _loss_and_grads(model, params, batch, memory, rng=None, with_grads=True, window_tokens=0):
   """The batch's loss, accuracy, memory after it, aux (statistics and auxiliary losses averaged over segments)
   and, `with_grads`, the gradients of loss + auxiliary losses, window by window (`row_windows`). `rng`: the
   `memory` RNG stream (MemoryLLM's random drops), folded with the window index; without it stochastic kinds
   draw from their state."""
   tokens = batch["tokens"]
   B, T = tokens.shape
-  W = row_windows(model.config, T)
+  W = row_windows(model.config, T, window_tokens)
   targets, weights = next_token_targets(tokens, batch.get("loss_mask"))
   total = jnp.maximum(weights.sum(), 1.0)
   rows = {"tokens": tokens, "targets": targets, "weights": weights}
@@ -211,11 +226,13 @@ def make_train_step(setup: Setup):
   model, tx, config = setup.model, setup.tx, setup.config
   schedule = learning_rate_schedule(config.train)
   continuing = config.data.continuing_stream
+  window_tokens = window_tokens_of(config)
 
   def step_fn(state: TrainState, batch):
     memory = _carried_memory(model, state.memory, batch) if continuing else model.init_memory(setup.batch_size)
     rng = jax.random.fold_in(jax.random.key(config.train.seed), state.step)
-    loss, accuracy, new_memory, aux, grads = _loss_and_grads(model, state.params, batch, memory, rng)
+    loss, accuracy, new_memory, aux, grads = _loss_and_grads(model, state.params, batch, memory, rng,
+                                                             window_tokens=window_tokens)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     health = guards.step_health(loss, grads, params)
@@ -236,11 +253,11 @@ def make_eval_step(setup: Setup):
   """(params, batch, memory) -> (metrics {'loss', 'accuracy', ...}, memory after the batch); jit, any batch size
   and length. Rows of a batch flagged `new_document` start from a fresh memory; pass `model.init_memory(B)` to
   evaluate every batch from a fresh memory, or the returned memory to follow continuing streams."""
-  model = setup.model
+  model, window_tokens = setup.model, window_tokens_of(setup.config)
 
   def eval_fn(params, batch, memory):
     loss, accuracy, new_memory, aux, _ = _loss_and_grads(model, params, batch, _carried_memory(model, memory, batch),
-                                                         with_grads=False)
+                                                         with_grads=False, window_tokens=window_tokens)
     return {"loss": loss, "accuracy": accuracy, **_memory_metrics(aux)}, new_memory
 
   return jax.jit(eval_fn)
