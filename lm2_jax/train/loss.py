@@ -29,8 +29,7 @@ def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Ar
 
   Returns (loss, accuracy), both float32 scalars.
   """
-  logits, targets = logits_BTV[:, :-1], tokens_BT[:, 1:]
-  weights = jnp.ones(targets.shape, jnp.float32) if mask_BT is None else mask_BT[:, 1:].astype(jnp.float32)
-  ce, correct = weighted_cross_entropy(logits, targets, weights)
+  targets, weights = next_token_targets(tokens_BT, mask_BT)
+  ce, correct = weighted_cross_entropy(logits_BTV[:, :-1], targets[:, :-1], weights[:, :-1])
   total = jnp.maximum(weights.sum(), 1.0)
   return ce / total, correct / total

@@ -156,8 +156,7 @@ def _window_loss(model, params, batch, memory, total, rng, windows):
                                         rngs=None if rng is None else {"memory": rng})
   n = logits.shape[1] - 1 if windows == 1 else logits.shape[1]
   ce, correct = weighted_cross_entropy(logits[:, :n], batch["targets"][:, :n], batch["weights"][:, :n])
-  auxiliary = sum(aux["losses"].values(), jnp.float32(0))
-  return ce / total + (auxiliary if windows == 1 else auxiliary / windows), (ce, correct, new_memory, aux)
+  return ce / total + sum(aux["losses"].values(), jnp.float32(0)) / windows, (ce, correct, new_memory, aux)
 
 
 def _loss_and_grads(model, params, batch, memory, rng=None, with_grads=True, window_tokens=0):
