@@ -70,7 +70,8 @@ def _steps(kind: str, length: int) -> dict:
 
 def measure(kind: str, lengths: list[int]) -> dict[int, dict[str, float]]:
   """Per length: first-call and median seconds of the train and eval steps, and the median over rounds of its
-  time over the first length's in the same round (`train_ratio`, `eval_ratio`)."""
+  time over the first length's in the same round (`train_ratio`, `eval_ratio`) and that ratio's (min, max)
+  over rounds (`train_ratios`, `eval_ratios`)."""
   steps = {n: _steps(kind, n) for n in lengths}
   times = {n: {"train": [], "eval": []} for n in lengths}
   for _ in range(_REPEATS.value):
@@ -82,7 +83,8 @@ def measure(kind: str, lengths: list[int]) -> dict[int, dict[str, float]]:
     out[n] = {f"{name}_first_s": steps[n]["first"][name] for name in ("train", "eval")}
     for name in ("train", "eval"):
       out[n][f"{name}_s"] = statistics.median(times[n][name])
-      out[n][f"{name}_ratio"] = statistics.median(t / t0 for t, t0 in zip(times[n][name], times[lengths[0]][name]))
+      ratios = [t / t0 for t, t0 in zip(times[n][name], times[lengths[0]][name])]
+      out[n][f"{name}_ratio"], out[n][f"{name}_ratios"] = statistics.median(ratios), (min(ratios), max(ratios))
   return out
 
 
@@ -92,13 +94,13 @@ def main(argv):
   print(f"batch 1, width 256, 4 layers, 128-token segments, float32, overrides {_OVERRIDES.value or 'none'}, "
         f"window_tokens {_config('none', 4096).train.window_tokens}; {_REPEATS.value} rounds after compilation, "
         "each timing every length once; medians", flush=True)
-  print("\n| kind | tokens | train s | train tokens/s | train vs first | eval s | eval vs first | length ratio | "
-        "first train call s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  print("\n| kind | tokens | train s | train tokens/s | train vs first (rounds' range) | eval s | eval vs first "
+        "(range) | length ratio | first train call s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
   for kind in _KINDS.value:
     for n, r in measure(kind, lengths).items():
-      print(f"| {kind} | {n:,} | {r['train_s']:.2f} | {n / r['train_s']:,.0f} | {r['train_ratio']:.2f}x | "
-            f"{r['eval_s']:.2f} | {r['eval_ratio']:.2f}x | {n / lengths[0]:.0f}x | {r['train_first_s']:.1f} |",
-            flush=True)
+      span = lambda name: f"{r[name + '_ratio']:.2f}x ({r[name + '_ratios'][0]:.2f}-{r[name + '_ratios'][1]:.2f})"
+      print(f"| {kind} | {n:,} | {r['train_s']:.2f} | {n / r['train_s']:,.0f} | {span('train')} | "
+            f"{r['eval_s']:.2f} | {span('eval')} | {n / lengths[0]:.0f}x | {r['train_first_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
