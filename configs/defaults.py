@@ -6,6 +6,7 @@ Field names are stable (DESIGN section 3): scripts, notebooks and command-line o
 import ml_collections
 
 from lm2_jax.model.config import default_model_config
+from lm2_jax.train.config import DEFAULT_WINDOW_TOKENS
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -58,9 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 0.1
   config.train.grad_clip_norm = 1.0
   config.train.grad_accum_steps = 1
-  config.train.window_tokens = 4096     # a longer row runs in windows of whole bptt windows (model.bptt_segments x
-                                        # segment_len), one forward/backward at a time: the same gradients, memory
-                                        # per step flat in the row's length (0: the whole row at once)
+  # A row longer than train.window_tokens runs in windows of whole bptt windows (model.bptt_segments x segment_len),
+  # one forward/backward at a time: the same gradients, memory per step flat in the row's length (0: the whole row
+  # at once).
+  config.train.window_tokens = DEFAULT_WINDOW_TOKENS
   config.train.log_every = 50
   config.train.peak_flops = 0.0         # FLOP/s that `mfu` in metrics.jsonl is relative to (0: measured at start)
   config.train.nonfinite = "stop"       # a step with a non-finite loss, gradient or update: 'stop' with a

@@ -188,8 +188,8 @@ def test_text_launchers_end_to_end(tmp_path):
 def test_windowed_row_equals_the_whole_row(kind):
   """A row of 4 gradient windows (bptt_segments=1, 4 segments of 8 tokens, window_tokens=8) is run window by
   window (`trainer.row_windows`); its loss, accuracy, memory after the row and gradients must equal plain
-  autodiff of the row's loss in one model call. Documents start at a window boundary (token 16) and inside a window (token 21),
-  so a window that starts a document must start from a fresh memory."""
+  autodiff of the row's loss in one model call. Documents start at a window boundary (token 16) and inside a
+  window (token 21), so a window that starts a document must start from a fresh memory."""
   config = small_config(kind=kind, continuing=True)
   config.model.update(dict(bptt_segments=1))
   config.train.update(dict(batch_size=2, seq_len=32, window_tokens=8))

@@ -13,6 +13,12 @@ from typing import Any
 from lm2_jax.model.config import as_dict, check, check_fields, positive_int
 
 NONFINITE_POLICIES = ("stop", "skip")
+DEFAULT_WINDOW_TOKENS = 4096  # train.window_tokens (configs/defaults.py sets it from here)
+
+
+def window_tokens_of(config) -> int:
+  """`train.window_tokens`; configs saved before it existed get its default."""
+  return config.train.get("window_tokens", DEFAULT_WINDOW_TOKENS)
 
 
 def _real(values: Mapping[str, Any], name: str, field: str, low: float, high: float = math.inf, *,
@@ -38,7 +44,7 @@ def check_run_config(config) -> None:
     positive_int(c, name, "checkpoint")
   check(isinstance(t.warmup_steps, int) and not isinstance(t.warmup_steps, bool) and t.warmup_steps >= 0,
         "train.warmup_steps", t.warmup_steps, "must be an integer >= 0 (values >= train.steps are clipped)")
-  window = t.get("window_tokens", 0)
+  window = window_tokens_of(config)
   check(isinstance(window, int) and not isinstance(window, bool) and window >= 0, "train.window_tokens", window,
         "must be an integer >= 0: tokens of a row per forward/backward window (0: the whole row at once)")
   check(isinstance(t.seed, int) and not isinstance(t.seed, bool), "train.seed", t.seed, "must be an integer")

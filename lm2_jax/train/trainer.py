@@ -33,13 +33,10 @@ from lm2_jax.model.config import ConfigError, check
 from lm2_jax.parallel import logical_shardings, make_mesh, use_mesh
 from lm2_jax.train import guards
 from lm2_jax.train.checkpoint import Checkpointer, config_json
-from lm2_jax.train.config import check_run_config
+from lm2_jax.train.config import check_run_config, window_tokens_of
 from lm2_jax.train.flops import measure_peak_flops, train_flops_per_token
 from lm2_jax.train.loss import next_token_targets, weighted_cross_entropy
 from lm2_jax.train.optimizer import learning_rate_schedule, make_optimizer
-
-
-DEFAULT_WINDOW_TOKENS = 4096  # train.window_tokens (configs/defaults.py)
 
 
 @flax.struct.dataclass
@@ -128,8 +125,8 @@ def row_windows(model_config, seq_len: int, window_tokens: int) -> int:
   the most that fit in `window_tokens` (at least one) and divide the row. No gradient crosses a window (the
   memory entering one is cut from the graph), so the sum of the windows' gradients is the row's gradient; but
   only one window's activations are held at a time, so a step's memory does not grow with the row (a 64K-token
-  lm2 step: 2.2 GB against 13.9 GB; benchmarks/long_document.py, README "Performance"). 1 when the row fits `window_tokens`, when gradients flow through the
-  whole row (`bptt_segments=0`) or when `window_tokens` is 0."""
+  lm2 step: 2.2 GB against 13.9 GB; benchmarks/long_document.py, README "Performance"). 1 when the row fits
+  `window_tokens`, when gradients flow through the whole row (`bptt_segments=0`) or when `window_tokens` is 0."""
   unit = model_config.bptt_segments * model_config.segment_len
   if not unit or not window_tokens or seq_len <= window_tokens or seq_len % unit:
     return 1
@@ -137,11 +134,6 @@ def row_windows(model_config, seq_len: int, window_tokens: int) -> int:
   while (seq_len // unit) % k:
     k -= 1
   return seq_len // (k * unit)
-
-
-def window_tokens_of(config) -> int:
-  """`train.window_tokens`; configs saved before it existed get its default."""
-  return config.train.get("window_tokens", DEFAULT_WINDOW_TOKENS)
 
 
 def _window_loss(model, params, batch, memory, total, rng, windows):
