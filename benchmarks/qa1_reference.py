@@ -3,6 +3,7 @@ r"""Is bare bAbI qa1 learnable at our scale? A reference decoder written apart f
   python -m benchmarks.qa1_reference [--steps=12000] [--d_model=64] [--layers=4] [--heads=4] [--batch=32]
                                      [--learning_rate=1e-3] [--eval_every=500] [--seed=0]
                                      [--curriculum_steps=K --max_sentences=N --not_latest] [--alibi]
+                                     [--story_loss] [--workers=N]
 
 Every LM2-family model we trained on qa1 without distractors (the 0K stage of the BABILong curriculum) stalls
 at 38-51% (README, "Retention"): it answers the latest place anyone went to, not the latest place of the person
@@ -22,8 +23,13 @@ A curriculum for the first `curriculum_steps` steps, then the plain distribution
   --max_sentences=N   train only on stories of at most N sentences;
   --not_latest        train only on samples whose answer is not the latest place in the story, where a model that
                       ignores the name is always wrong.
+
+--story_loss puts the loss on every token after bos (the story and question too), not on the answer only: more
+signal per sample, as a language model's pretraining gives. The accuracy printed is still the answer's.
+--workers=N draws the training samples in N processes (a GPU host outruns one Python process generating them).
 """
 
+import multiprocessing
 import time
 
 import jax
@@ -49,6 +55,8 @@ _NOT_LATEST = flags.DEFINE_bool("not_latest", False, "Curriculum: only answers t
 _SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
 _ALIBI = flags.DEFINE_bool("alibi", False, "Add ALiBi's recency bias to the attention scores: -slope_h * (q - k), "
                            "slopes 2^(-8 h / heads) for h = 1..heads (Press et al., 2022).")
+_STORY_LOSS = flags.DEFINE_bool("story_loss", False, "Loss on every token after bos, not on the answer only.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Processes drawing training samples (0: this one).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "workdir/babilong/spm.model", "The BABILong configs' tokenizer.")
 
 ROW = 96  # a bare qa1 sample has at most 94 tokens: bos, 10 sentences of at most 8, question, cue, answer, eos
@@ -60,11 +68,37 @@ def _latest_place(tokens, period, question_mark):
   return tokens[np.where(tokens[:q] == period)[0][-1] - 1]
 
 
-class Batches:
-  """Rows of qa1 samples, drawn in order from `source`, optionally filtered (the curriculum switches)."""
+def _source(tok, split, seed):
+  return BabilongSource(tok, tasks=("qa1",), curriculum=parse_curriculum("0:0"), seed=seed, split=split)
 
-  def __init__(self, source: BabilongSource, period: int, question_mark: int):
+
+_WORKER_SOURCE = None
+
+
+def _init_worker(tokenizer, seed):
+  global _WORKER_SOURCE
+  _WORKER_SOURCE = _source(ensure_tokenizer(tokenizer, 768), "train", seed)
+
+
+def _draw(index):
+  return _WORKER_SOURCE[index]
+
+
+class Batches:
+  """Rows of qa1 samples, drawn in order from `source`, optionally filtered (the curriculum switches). With a
+  process `pool` (whose workers hold the same source, `_init_worker`), samples are drawn ahead in chunks."""
+
+  def __init__(self, source: BabilongSource, period: int, question_mark: int, pool=None, chunk=8192):
     self.source, self.period, self.question_mark, self.next = source, period, question_mark, 0
+    self.pool, self.chunk, self.ahead, self.ahead_from = pool, chunk, [], 0
+
+  def _doc(self, index):
+    if self.pool is None:
+      return self.source[index]
+    if not self.ahead_from <= index < self.ahead_from + len(self.ahead):
+      self.ahead_from = index
+      self.ahead = self.pool.map(_draw, range(index, index + self.chunk), chunksize=256)
+    return self.ahead[index - self.ahead_from]
 
   def _keep(self, doc, max_sentences, not_latest):
     t = doc["tokens"]
@@ -77,7 +111,7 @@ class Batches:
     x_BT, mask_BT = np.zeros((n, ROW), np.int32), np.zeros((n, ROW), bool)
     for b in range(n):
       while True:
-        doc = self.source[self.next]
+        doc = self._doc(self.next)
         self.next += 1
         if self._keep(doc, max_sentences, not_latest):
           break
@@ -122,10 +156,11 @@ def main(argv):
   del argv
   tok = ensure_tokenizer(_TOKENIZER.value, 768)
   period, question_mark = tok.encode(".")[-1], tok.encode("?")[-1]
-  source = lambda split: BabilongSource(tok, tasks=("qa1",), curriculum=parse_curriculum("0:0"), seed=_SEED.value,
-                                        split=split)
-  train = Batches(source("train"), period, question_mark)
-  x_test, mask_test = Batches(source("test"), period, question_mark).take(500)
+  pool = None
+  if _WORKERS.value:
+    pool = multiprocessing.get_context("spawn").Pool(_WORKERS.value, _init_worker, (_TOKENIZER.value, _SEED.value))
+  train = Batches(_source(tok, "train", _SEED.value), period, question_mark, pool)
+  x_test, mask_test = Batches(_source(tok, "test", _SEED.value), period, question_mark).take(500)
   first_test = mask_test.argmax(1)  # the answer's first token
   answer_test = x_test[np.arange(500), first_test]
   latest_test = np.array([_latest_place(x, period, question_mark) for x in x_test])
@@ -133,6 +168,9 @@ def main(argv):
 
   def loss_fn(params, x_BT, mask_BT):
     ce = optax.softmax_cross_entropy_with_integer_labels(forward(params, x_BT, heads, _ALIBI.value)[:, :-1], x_BT[:, 1:])
+    if _STORY_LOSS.value:  # every real token after bos: up to and including eos, the last of the loss mask
+      last_B = mask_BT.shape[1] - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
+      mask_BT = jnp.arange(mask_BT.shape[1])[None] <= last_B[:, None]
     return (ce * mask_BT[:, 1:]).sum() / mask_BT[:, 1:].sum()
 
   schedule = optax.warmup_cosine_decay_schedule(0.0, _LR.value, min(_WARMUP.value, _STEPS.value - 1), _STEPS.value)
