@@ -47,3 +47,17 @@ def test_bad_task_is_rejected():
     RecallTask(num_segments=2, segment_len=16, num_pairs=40, num_queries=2)
   with pytest.raises(ConfigError, match="num_queries=9"):
     RecallTask(num_segments=4, segment_len=16, num_pairs=9, num_queries=9)
+
+
+def test_pair_distances_count_segments_from_the_pair_to_the_question():
+  from benchmarks.recall_retention import pair_distances
+
+  # Four segments of 6 tokens, written by hand: k1's pair in segment 0, k2's in segment 1, filler in segment 2,
+  # the questions [Q k2 v2] [Q k1 v1] in segment 3: distances 3 - 1 = 2 and 3 - 0 = 3.
+  k1, v1, k2, v2, Q = 10, 20, 11, 21, QUERY
+  tokens = np.array([[5, 6, k1, v1, 7, 7, 7, 7, k2, v2, 7, 7, 7, 7, 7, 7, 7, 7, Q, k2, v2, Q, k1, v1]])
+  mask = np.zeros_like(tokens, bool)
+  mask[0, [20, 23]] = True
+  answers, dist = pair_distances(tokens, mask, segment_len=6)
+  np.testing.assert_array_equal(answers, [[20, 23]])
+  np.testing.assert_array_equal(dist, [[2, 3]])

@@ -1,0 +1,116 @@
+r"""How long does a trained memory keep a fact? Recall accuracy by the number of segments between fact and question.
+
+  python -m benchmarks.recall_retention --workdirs=lm2=DIR/lm2,rmt=DIR2/rmt [--segments=16] [--samples=1024]
+                                        [--out=DIR3]
+
+Each workdir holds a model trained on the recall task (`launch.quickstart`, `configs/quickstart.py`: pairs in the
+first 3 segments, questions in the 4th). Its newest checkpoint answers held-out samples `--segments` segments long
+(the quickstart's 4x length by default), from a fresh memory, the whole row in one call. Every question
+`[Q, k, v]` of the last segment is put in the bin of its distance d = (last segment) - (segment that holds the
+pair k v): the pair was written d - 1 segments of filler before the question's segment began, and each of those
+segments wrote into the memory too. A pair is always seen through the memory (a model's window is one segment),
+so the accuracy at distance d is the model's own read of what its memory kept over d segment writes: a
+retention curve. Trained, every distance was 1-3.
+
+Prints, per model, the accuracy and the number of questions at each distance, and writes DIR3/recall_retention.json
+and recall_retention.png (one curve per model, chance marked).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import flags
+
+from launch import cli
+from lm2_jax.data import recall
+from lm2_jax.data.pipeline import batches
+from lm2_jax.model.config import ConfigError
+from lm2_jax.train import trainer
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "name=DIR pairs: trained recall models (DIR holds checkpoints/).")
+_SEGMENTS = flags.DEFINE_integer("segments", 16, "Segments per evaluated sample (trained: config.data.num_segments).")
+_SAMPLES = flags.DEFINE_integer("samples", 1024, "Held-out samples per model.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Samples per forward call.")
+_OUT = flags.DEFINE_string("out", "workdir/recall_retention", "Where the JSON and the plot go.")
+
+
+def pair_distances(tokens_BT, loss_mask_BT, segment_len: int):
+  """-> (answer positions [B, Q], distance in segments from the asked pair's segment to the question's [B, Q]).
+
+  The answer v of a question [Q, k, v] sits at a loss-mask position a; its key k at a - 1; the pair [k, v] is the
+  context's only occurrence of k (keys are drawn without replacement and filler holds no keys)."""
+  B, T = tokens_BT.shape
+  answers_BQ = np.stack([np.flatnonzero(m) for m in loss_mask_BT])
+  last_segment = (T - 1) // segment_len
+  dist_BQ = np.zeros(answers_BQ.shape, np.int64)
+  for b in range(B):
+    for q, a in enumerate(answers_BQ[b]):
+      where = np.flatnonzero(tokens_BT[b, :last_segment * segment_len] == tokens_BT[b, a - 1])
+      assert len(where) == 1, (b, a, where)
+      dist_BQ[b, q] = last_segment - where[0] // segment_len
+  return answers_BQ, dist_BQ
+
+
+def retention(workdir: str, segments: int, samples: int, batch: int):
+  """-> (chance, {distance: [correct, count]}) for the newest checkpoint in `workdir`."""
+  config, setup, state = trainer.restore(workdir)
+  if config.data.kind != "recall":
+    raise ConfigError(f"--workdirs: {workdir!r} was trained on data.kind={config.data.kind!r}; this benchmark "
+                          "needs a recall model (launch.quickstart)")
+  task = recall.from_config(config, num_segments=segments, seed_offset=10_000)
+  model, L = setup.model, config.model.segment_len
+  predict = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens)[0].argmax(-1))
+  bins: dict[int, list[int]] = {}
+  it = batches(task, batch)
+  for _ in range(max(samples // batch, 1)):
+    b = next(it)
+    tokens, mask = np.asarray(b["tokens"]), np.asarray(b["loss_mask"])
+    pred_BT = np.asarray(predict(state.params, tokens))
+    answers_BQ, dist_BQ = pair_distances(tokens, mask, L)
+    right_BQ = np.take_along_axis(pred_BT, answers_BQ - 1, 1) == np.take_along_axis(tokens, answers_BQ, 1)
+    for d, r in zip(dist_BQ.ravel(), right_BQ.ravel()):
+      bins.setdefault(int(d), [0, 0])
+      bins[int(d)][0] += int(r)
+      bins[int(d)][1] += 1
+  return task.chance, dict(sorted(bins.items()))
+
+
+def main(argv):
+  del argv
+  if not _WORKDIRS.value:
+    raise ConfigError("--workdirs: name at least one name=DIR of a trained recall model")
+  os.makedirs(_OUT.value, exist_ok=True)
+  results, chance = {}, None
+  for spec in _WORKDIRS.value:
+    name, sep, workdir = spec.partition("=")
+    if not sep:
+      raise ConfigError(f"--workdirs: {spec!r} is not name=DIR")
+    chance, bins = retention(workdir, _SEGMENTS.value, _SAMPLES.value, _BATCH.value)
+    results[name] = {"workdir": workdir, "by_distance": {d: {"accuracy": c / n, "questions": n}
+                                                         for d, (c, n) in bins.items()}}
+    print(f"{name} ({workdir}): accuracy by distance in segments (questions)")
+    print("  " + ", ".join(f"{d}: {c / n:.3f} ({n})" for d, (c, n) in bins.items()), flush=True)
+  with open(os.path.join(_OUT.value, "recall_retention.json"), "w") as f:
+    json.dump({"segments": _SEGMENTS.value, "samples": _SAMPLES.value, "chance": chance, "models": results}, f,
+              indent=2)
+  from matplotlib.figure import Figure  # not pyplot: no global backend switch
+
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for name, r in results.items():
+    ds = sorted(r["by_distance"])
+    ax.plot(ds, [r["by_distance"][d]["accuracy"] for d in ds], marker="o", label=name)
+  ax.axhline(chance, color="gray", ls=":", label="chance")
+  ax.set(xlabel="segments from the pair's segment to the question's", ylabel="recall accuracy", ylim=(0, 1),
+         title=f"retention ({_SEGMENTS.value}-segment samples)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(_OUT.value, "recall_retention.png"), dpi=100)
+  print(f"wrote {_OUT.value}/recall_retention.json and recall_retention.png")
+
+
+if __name__ == "__main__":
+  cli.run(main)
