@@ -3,6 +3,9 @@ r"""How long does a trained memory keep a fact? Recall accuracy by the number of
   python -m benchmarks.recall_retention --workdirs=lm2=DIR/lm2,rmt=DIR2/rmt [--segments=16] [--samples=1024]
                                         [--out=DIR3]
 
+Workdirs given under one name (e.g. two seeds: lm2=DIR_S0/lm2,lm2=DIR_S1/lm2) are pooled: one curve, the
+questions of all of them.
+
 Each workdir holds a model trained on the recall task (`launch.quickstart`, `configs/quickstart.py`: pairs in the
 first 3 segments, questions in the 4th). Its newest checkpoint answers held-out samples `--segments` segments long
 (the quickstart's 4x length by default), from a fresh memory, the whole row in one call. Every question
@@ -12,8 +15,8 @@ segments wrote into the memory too. A pair is always seen through the memory (a 
 so the accuracy at distance d is the model's own read of what its memory kept over d segment writes: a
 retention curve. Trained, every distance was 1-3.
 
-Prints, per model, the accuracy and the number of questions at each distance, and writes DIR3/recall_retention.json
-and recall_retention.png (one curve per model, chance marked).
+Prints, per model, the accuracy and the number of questions at each distance (and each name's pooled accuracy),
+and writes DIR3/recall_retention.json and recall_retention.png (one curve per name, chance marked).
 """
 
 import json
@@ -82,16 +85,26 @@ def main(argv):
   if not _WORKDIRS.value:
     raise ConfigError("--workdirs: name at least one name=DIR of a trained recall model")
   os.makedirs(_OUT.value, exist_ok=True)
-  results, chance = {}, None
+  pooled, workdirs, chance = {}, {}, None
   for spec in _WORKDIRS.value:
     name, sep, workdir = spec.partition("=")
     if not sep:
       raise ConfigError(f"--workdirs: {spec!r} is not name=DIR")
     chance, bins = retention(workdir, _SEGMENTS.value, _SAMPLES.value, _BATCH.value)
-    results[name] = {"workdir": workdir, "by_distance": {d: {"accuracy": c / n, "questions": n}
-                                                         for d, (c, n) in bins.items()}}
     print(f"{name} ({workdir}): accuracy by distance in segments (questions)")
     print("  " + ", ".join(f"{d}: {c / n:.3f} ({n})" for d, (c, n) in bins.items()), flush=True)
+    workdirs.setdefault(name, []).append(workdir)
+    for d, (c, n) in bins.items():
+      pooled.setdefault(name, {}).setdefault(d, [0, 0])
+      pooled[name][d][0] += c
+      pooled[name][d][1] += n
+  results = {name: {"workdirs": workdirs[name], "by_distance": {d: {"accuracy": c / n, "questions": n}
+                                                                for d, (c, n) in sorted(bins.items())}}
+             for name, bins in pooled.items()}
+  for name, r in results.items():
+    if len(workdirs[name]) > 1:
+      print(f"{name}, {len(workdirs[name])} models pooled: "
+            + ", ".join(f"{d}: {b['accuracy']:.3f}" for d, b in r["by_distance"].items()))
   with open(os.path.join(_OUT.value, "recall_retention.json"), "w") as f:
     json.dump({"segments": _SEGMENTS.value, "samples": _SAMPLES.value, "chance": chance, "models": results}, f,
               indent=2)
