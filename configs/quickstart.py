@@ -27,7 +27,7 @@ def get_config():
   m.memory.num_heads = 4
   # Retention (README, "Retention on recall"): a slot starts out keeping 0.95 of itself per segment (+1: 0.73) and
   # each token decides how much it writes. With the learning rate below, seeds 0-3 recalled 0.79-0.95 at 4x the
-  # trained length, at least what they recalled at it; with +1, no write gate and 3e-3: 0.70-0.89, 0.13-0.21 less.
+  # trained length, at least what they recalled at it; with +1, no write gate and 3e-3: 0.70-0.89, 0.05-0.20 less.
   m.memory.forget_bias = 3.0
   m.memory.write_gate = True
   # For `--kinds=hmt`: the model defaults' 128-token summary does not fit a 32-token segment.
