@@ -201,6 +201,8 @@ def main(argv):
       print(f"step {i + 1}: loss {float(loss):.3f}, test accuracy {np.mean(pred == answer_test):.3f}, "
             f"answers the latest place {np.mean(pred == latest_test):.3f} ({time.perf_counter() - t0:.0f} s, "
             f"{train.next:,} samples drawn)", flush=True)
+  if pool is not None:
+    pool.close()
 
 
 if __name__ == "__main__":
