@@ -22,13 +22,11 @@ and writes DIR3/recall_retention.json and recall_retention.png (one curve per na
 import json
 import os
 
-import jax
-import numpy as np
 from absl import flags
 
 from launch import cli
 from lm2_jax.data import recall
-from lm2_jax.data.pipeline import batches
+from lm2_jax.evaluate.recall import recall_by_distance
 from lm2_jax.model.config import ConfigError
 from lm2_jax.train import trainer
 
@@ -39,45 +37,14 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Samples per forward call.")
 _OUT = flags.DEFINE_string("out", "workdir/recall_retention", "Where the JSON and the plot go.")
 
 
-def pair_distances(tokens_BT, loss_mask_BT, segment_len: int):
-  """-> (answer positions [B, Q], distance in segments from the asked pair's segment to the question's [B, Q]).
-
-  The answer v of a question [Q, k, v] sits at a loss-mask position a; its key k at a - 1; the pair [k, v] is the
-  context's only occurrence of k (keys are drawn without replacement and filler holds no keys)."""
-  B, T = tokens_BT.shape
-  answers_BQ = np.stack([np.flatnonzero(m) for m in loss_mask_BT])
-  last_segment = (T - 1) // segment_len
-  dist_BQ = np.zeros(answers_BQ.shape, np.int64)
-  for b in range(B):
-    for q, a in enumerate(answers_BQ[b]):
-      where = np.flatnonzero(tokens_BT[b, :last_segment * segment_len] == tokens_BT[b, a - 1])
-      assert len(where) == 1, (b, a, where)
-      dist_BQ[b, q] = last_segment - where[0] // segment_len
-  return answers_BQ, dist_BQ
-
-
 def retention(workdir: str, segments: int, samples: int, batch: int):
   """-> (chance, {distance: [correct, count]}) for the newest checkpoint in `workdir`."""
   config, setup, state = trainer.restore(workdir)
   if config.data.kind != "recall":
     raise ConfigError(f"--workdirs: {workdir!r} was trained on data.kind={config.data.kind!r}; this benchmark "
-                          "needs a recall model (launch.quickstart)")
+                      "needs a recall model (launch.quickstart)")
   task = recall.from_config(config, num_segments=segments, seed_offset=10_000)
-  model, L = setup.model, config.model.segment_len
-  predict = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens)[0].argmax(-1))
-  bins: dict[int, list[int]] = {}
-  it = batches(task, batch)
-  for _ in range(max(samples // batch, 1)):
-    b = next(it)
-    tokens, mask = np.asarray(b["tokens"]), np.asarray(b["loss_mask"])
-    pred_BT = np.asarray(predict(state.params, tokens))
-    answers_BQ, dist_BQ = pair_distances(tokens, mask, L)
-    right_BQ = np.take_along_axis(pred_BT, answers_BQ - 1, 1) == np.take_along_axis(tokens, answers_BQ, 1)
-    for d, r in zip(dist_BQ.ravel(), right_BQ.ravel()):
-      bins.setdefault(int(d), [0, 0])
-      bins[int(d)][0] += int(r)
-      bins[int(d)][1] += 1
-  return task.chance, dict(sorted(bins.items()))
+  return task.chance, recall_by_distance(setup, state.params, task, num_samples=samples, batch_size=batch)
 
 
 def main(argv):

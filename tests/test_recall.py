@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lm2_jax.data.recall import QUERY, RecallTask
+from lm2_jax.evaluate.recall import pair_distances
 from lm2_jax.model import ConfigError
 
 TASK = RecallTask(num_segments=4, segment_len=16, num_pairs=6, num_queries=4, num_keys=10, num_values=8,
@@ -50,8 +51,6 @@ def test_bad_task_is_rejected():
 
 
 def test_pair_distances_count_segments_from_the_pair_to_the_question():
-  from benchmarks.recall_retention import pair_distances
-
   # Four segments of 6 tokens, written by hand: k1's pair in segment 0, k2's in segment 1, filler in segment 2,
   # the questions [Q k2 v2] [Q k1 v1] in segment 3: distances 3 - 1 = 2 and 3 - 0 = 3.
   k1, v1, k2, v2, Q = 10, 20, 11, 21, QUERY

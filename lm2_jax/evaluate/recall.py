@@ -1,10 +1,12 @@
-"""Recall accuracy of trained parameters on held-out samples of the recall task, and the quickstart report."""
+"""Recall accuracy of trained parameters on held-out samples of the recall task (overall and by the distance
+between a pair and its question), and the quickstart report."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import jax
 import numpy as np
 
 from lm2_jax.data.pipeline import batches
@@ -19,6 +21,44 @@ def recall_accuracy(setup: trainer.Setup, params, task: RecallTask, *, num_sampl
   memory = setup.model.init_memory(batch_size)
   accs = [float(step(params, next(it), memory)[0]["accuracy"]) for _ in range(max(num_samples // batch_size, 1))]
   return float(np.mean(accs))  # every sample has the same number of answers, so batch means average exactly
+
+
+def pair_distances(tokens_BT, loss_mask_BT, segment_len: int):
+  """-> (answer positions [B, Q], distance in segments from the asked pair's segment to the question's [B, Q]).
+
+  The answer v of a question [Q, k, v] sits at a loss-mask position a; its key k at a - 1; the pair [k, v] is the
+  context's only occurrence of k (keys are drawn without replacement and filler holds no keys)."""
+  B, T = tokens_BT.shape
+  answers_BQ = np.stack([np.flatnonzero(m) for m in loss_mask_BT])
+  last_segment = (T - 1) // segment_len
+  dist_BQ = np.zeros(answers_BQ.shape, np.int64)
+  for b in range(B):
+    for q, a in enumerate(answers_BQ[b]):
+      where = np.flatnonzero(tokens_BT[b, :last_segment * segment_len] == tokens_BT[b, a - 1])
+      assert len(where) == 1, (b, a, where)
+      dist_BQ[b, q] = last_segment - where[0] // segment_len
+  return answers_BQ, dist_BQ
+
+
+def recall_by_distance(setup: trainer.Setup, params, task: RecallTask, *, num_samples: int,
+                       batch_size: int) -> dict[int, list[int]]:
+  """{distance: [correct, questions]}: greedy recall of each answer from a fresh memory, binned by `pair_distances`
+  (whole rows in one call; for the recall task's lengths, not for documents that need the trainer's windows)."""
+  model = setup.model
+  predict = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens)[0].argmax(-1))
+  bins: dict[int, list[int]] = {}
+  it = batches(task, batch_size)
+  for _ in range(max(num_samples // batch_size, 1)):
+    b = next(it)
+    tokens, mask = np.asarray(b["tokens"]), np.asarray(b["loss_mask"])
+    pred_BT = np.asarray(predict(params, tokens))
+    answers_BQ, dist_BQ = pair_distances(tokens, mask, task.segment_len)
+    right_BQ = np.take_along_axis(pred_BT, answers_BQ - 1, 1) == np.take_along_axis(tokens, answers_BQ, 1)
+    for d, r in zip(dist_BQ.ravel(), right_BQ.ravel()):
+      bins.setdefault(int(d), [0, 0])
+      bins[int(d)][0] += int(r)
+      bins[int(d)][1] += 1
+  return dict(sorted(bins.items()))
 
 
 def plot_learning_curves(workdirs: dict[str, str], path: str) -> None:
