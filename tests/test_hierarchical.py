@@ -115,6 +115,48 @@ def test_write_replaces_the_least_read_slots_of_the_routed_bank():
     np.testing.assert_allclose(new["bank_read_mass"][b], want_mass, rtol=1e-4, atol=1e-6)
 
 
+def test_bank_attention_gradients_match_autodiff_of_the_formula():
+  """The hand-written backward of the deep read's attention against autodiff of a plain transcription, with
+  cotangents on both outputs (the read and the attention weights)."""
+  from lm2_jax.model.memory.hierarchical import bank_attention
+
+  def formula(q, m):
+    p = jax.nn.softmax(jnp.einsum("bkcre,bknre->bkrcn", q, m) / np.sqrt(q.shape[-1]), axis=-1)
+    return jnp.einsum("bkrcn,bknre->bkcre", p, m), p
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, m = jax.random.normal(keys[0], (2, 3, 5, 4, 8)), jax.random.normal(keys[1], (2, 3, 6, 4, 8))
+  w_read, w_p = jax.random.normal(keys[2], (2, 3, 5, 4, 8)), jax.random.normal(keys[3], (2, 3, 4, 5, 6))
+  objective = lambda fn: lambda q, m: (lambda read, p: (read * w_read).sum() + (p * w_p).sum())(*fn(q, m))
+  for got, want in zip(jax.grad(objective(bank_attention), (0, 1))(q, m), jax.grad(objective(formula), (0, 1))(q, m)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for got, want in zip(bank_attention(q, m), formula(q, m)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_write_passes_gradient_to_every_slot_it_does_not_replace():
+  """d new_slots / d old_slots is 1 for a kept slot and 0 for a replaced one: the replaced (bank, slot) pairs
+  computed as in the write reference above (most salient tokens, first bank, least-read slot)."""
+  cfg, m, mem, params, state, h = _module(num_banks=3, top_k=1, bank_slots=4, write_tokens=3)
+  p = params["params"]
+  stats = mem.apply(params, state, h, method=HierarchicalMemory.read).stats
+  write = lambda slots: mem.apply(params, {**state, "bank_slots": slots}, h, stats,
+                                  method=HierarchicalMemory.write)["bank_slots"]
+  grad = jax.grad(lambda slots: write(slots).sum())(state["bank_slots"])
+  x = _np(h) + np.concatenate([np.zeros_like(_np(h)[:, :1]), _np(h)[:, :-1]], axis=1)
+  salience = x @ _np(p["salience"]["kernel"])[:, 0] + float(p["salience"]["bias"][0])
+  first_bank = np.argmax(_routing_scores(m, p, x), axis=-1)
+  mass = m.read_decay * _np(state["bank_read_mass"]) + _np(stats["bank_read_mass"])
+  for b in range(B):
+    want = np.ones(state["bank_slots"].shape[1:])
+    taken = {}
+    for t in np.argsort(-salience[b])[:3]:
+      k = first_bank[b, t]
+      want[k, np.argsort(mass[b, k])[taken.get(k, 0)]] = 0.0
+      taken[k] = taken.get(k, 0) + 1
+    np.testing.assert_array_equal(grad[b], want)
+
+
 def test_skip_threshold_drops_the_deep_read_and_reports_it():
   cfg, m, mem, params, state, h = _module()
   general = mem.apply(params, state["general"], h, method=lambda mod, s, x: mod.general.read(s, x)).residual_BLD

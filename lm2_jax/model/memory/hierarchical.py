@@ -110,6 +110,46 @@ class HierarchicalMemoryConfig:
                capacity_factor=float(factor), forget_bias=general.forget_bias, write_gate=general.write_gate, **ints)
 
 
+@jax.custom_vjp
+def bank_attention(q_BKCRE, slots_BKNRE):
+  """Each bank's C dispatched queries attend over its N1 slots (keys = values), per head:
+  p = softmax_n(q . M_n / sqrt(E)), read = sum_n p M_n. -> (read [B, K, C, R, E], p [B, K, R, C, N1] float32).
+
+  The backward is written out so that the slots' gradient, a sum over the C << N1 queries of each bank, is a
+  fused multiply-add over c instead of B*K*R tiny batched matmuls (XLA:CPU hands those to Eigen, which spent more
+  time on them than on the rest of the deep read):
+    dp = dread . M,  ds = p (dp - sum_n p dp) / sqrt(E),  dq = sum_n ds M,  dM = sum_c p dread + ds q."""
+  return _bank_attention_fwd(q_BKCRE, slots_BKNRE)[0]
+
+
+def _bank_attention_fwd(q_BKCRE, slots_BKNRE):
+  e = q_BKCRE.shape[-1]
+  scores = jnp.einsum("bkcre,bknre->bkrcn", q_BKCRE, slots_BKNRE, preferred_element_type=jnp.float32)
+  p_BKRCN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
+  read_BKCRE = jnp.einsum("bkrcn,bknre->bkcre", p_BKRCN.astype(slots_BKNRE.dtype), slots_BKNRE)
+  return (read_BKCRE, p_BKRCN), (q_BKCRE, slots_BKNRE, p_BKRCN)
+
+
+def _bank_attention_bwd(residuals, cotangents):
+  q_BKCRE, slots_BKNRE, p_BKRCN = residuals
+  dread_BKCRE, dp_BKRCN = cotangents
+  e, C = q_BKCRE.shape[-1], q_BKCRE.shape[2]
+  f32 = jnp.float32
+  dp_BKRCN = dp_BKRCN + jnp.einsum("bkcre,bknre->bkrcn", dread_BKCRE, slots_BKNRE, preferred_element_type=f32)
+  ds_BKRCN = p_BKRCN * (dp_BKRCN - (p_BKRCN * dp_BKRCN).sum(-1, keepdims=True)) / np.sqrt(e)
+  dq_BKCRE = jnp.einsum("bkrcn,bknre->bkcre", ds_BKRCN.astype(slots_BKNRE.dtype), slots_BKNRE,
+                        preferred_element_type=f32)
+  # dM[b,k,n,r,:] = sum_c p[b,k,r,c,n] dread[b,k,c,r,:] + ds[b,k,r,c,n] q[b,k,c,r,:], c unrolled (C is small).
+  pn = jnp.swapaxes(p_BKRCN, 2, 4)[..., None]    # [B, K, N, C, R, 1]
+  sn = jnp.swapaxes(ds_BKRCN, 2, 4)[..., None]
+  dslots_BKNRE = sum(pn[:, :, :, c] * dread_BKCRE[:, :, None, c].astype(f32)
+                     + sn[:, :, :, c] * q_BKCRE[:, :, None, c].astype(f32) for c in range(C))
+  return dq_BKCRE.astype(q_BKCRE.dtype), dslots_BKNRE.astype(slots_BKNRE.dtype)
+
+
+bank_attention.defvjp(_bank_attention_fwd, _bank_attention_bwd)
+
+
 def _gather_rows(x_BK, idx_BJ):
   """x[b, idx[b, j]] for every b: [B, K, ...] gathered by [B, ...] indices -> [B, ..., ...]."""
   return jax.vmap(lambda x, i: x[i])(x_BK, idx_BJ)
@@ -214,10 +254,8 @@ class HierarchicalMemory(ReadWriteMemory):
     def attend(_):
       q_BKCRE = _gather_rows(pad(q_BLRE), owner_BQ // k).reshape(B, K, C, R, e)  # empty cells read token L: zeros
       slots_BKNRE = bank_slots_BKNS.astype(c.dtype).reshape(B, K, N1, R, e)
-      scores = jnp.einsum("bkcre,bknre->bkrcn", q_BKCRE, slots_BKNRE, preferred_element_type=jnp.float32)
-      p_BKRCN = jax.nn.softmax(scores / np.sqrt(e), axis=-1)
-      read_BQRE = jnp.einsum("bkrcn,bknre->bkcre", p_BKRCN.astype(slots_BKNRE.dtype),
-                             slots_BKNRE).reshape(B, K * C, R, e)
+      read_BKCRE, p_BKRCN = bank_attention(q_BKCRE, slots_BKNRE)
+      read_BQRE = read_BKCRE.reshape(B, K * C, R, e)
       mass_BQN = p_BKRCN.mean(axis=2).reshape(B, K * C, N1)  # mean over heads: [B, K, C, N1] -> cells
       # Back to the picks (a dropped pick reads the zero row K * C), weighted and summed over each token's k.
       w_BLk = w_BLk_kept.astype(read_BQRE.dtype)
@@ -283,10 +321,12 @@ class HierarchicalMemory(ReadWriteMemory):
     slot_Bm = jnp.take_along_axis(order_BmN, rank_Bm[..., None], -1)[..., 0]
 
     def put(slots_KNS, mass_KN, banks, slot, content, valid):
+      # (bank, slot) pairs are distinct (rank above); saying so keeps the scatter's derivative a scatter of the
+      # tangents, without the full-size masks JAX builds for indices that may repeat.
       old = slots_KNS[banks, slot]
-      slots_KNS = slots_KNS.at[banks, slot].set(jnp.where(valid[:, None], content, old))
+      slots_KNS = slots_KNS.at[banks, slot].set(jnp.where(valid[:, None], content, old), unique_indices=True)
       fresh_mass = jnp.where(valid, mass_KN.mean(axis=-1)[banks], mass_KN[banks, slot])
-      return slots_KNS, mass_KN.at[banks, slot].set(fresh_mass)
+      return slots_KNS, mass_KN.at[banks, slot].set(fresh_mass, unique_indices=True)
 
     slots_BKNS, mass_BKN = jax.vmap(put)(state["bank_slots"], mass_BKN, banks_Bm, slot_Bm, content_BmS, valid_Bm)
     return {"general": general, "bank_slots": slots_BKNS, "bank_read_mass": mass_BKN}
