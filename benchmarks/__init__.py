@@ -9,6 +9,24 @@ from absl import app
 import launch  # noqa: F401  (keeps freed host memory mapped, before JAX starts its threads)
 
 
+def machine() -> str:
+  """The CPU this process runs on, e.g. 'AMD EPYC, 2 cores, AVX-512': XLA's CPU code (and so every timing and
+  ratio here) differs between machines, so benchmark output names it."""
+  import os
+  import platform
+
+  model, flags_ = platform.processor() or platform.machine(), ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), model)
+    flags_ = next((l for l in info.splitlines() if l.startswith("flags")), "")
+  except OSError:
+    pass
+  vector = "AVX-512" if " avx512f" in flags_ else "AVX2" if " avx2" in flags_ else ""
+  return ", ".join(filter(None, [model, f"{len(os.sched_getaffinity(0))} cores", vector]))
+
+
 def model_overrides(items, flag: str) -> dict:
   """['a=1', 'b=full'] -> {'a': 1, 'b': 'full'}: config.model fields from `field=value` items (Python literals,
   else strings); UsageError naming `flag` for an item without '='."""

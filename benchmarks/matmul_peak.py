@@ -13,6 +13,7 @@ with `pip install -e '.[peers]'`).
 
 import os
 
+from benchmarks import machine  # noqa: I001  (imports `launch` before JAX starts)
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -41,7 +42,7 @@ def main(argv):
   rates = {int(n): measure_peak_flops(int(n), dtype) for n in _SIZES.value}
   for n, rate in rates.items():
     print(f"{n} x {n} x {n} {_DTYPE.value} matmul: {rate / 1e9:,.1f} GFLOP/s")
-  print(f"peak: {max(rates.values()):.4g} FLOP/s on {device.platform} ({device.device_kind}); "
+  print(f"peak: {max(rates.values()):.4g} FLOP/s on {device.platform} ({device.device_kind}; {machine()}); "
         f"--config.train.peak_flops={max(rates.values()):.4g}")
   torch_ok = _TORCH.value and _DTYPE.value == "float32"
   if _TORCH.value and not torch_ok:

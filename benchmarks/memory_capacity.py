@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks import model_overrides, timed_calls
+from benchmarks import machine, model_overrides, timed_calls
 from launch import compile_cache
 from lm2_jax.model import LM2Model, count_params, init_params
 from lm2_jax.model.config import default_model_config
@@ -85,7 +85,7 @@ def main(argv):
       t.append(timed_calls(r["run"], 0)[0])
   base = next(t for r, t in zip(rows, times) if r["kind"] == "lm2" and r["capacity"] == int(_CAPACITIES.value[0]))
   print(f"train step, batch {_BATCH.value} x {_SEGMENTS.value} segments of {_SEG.value}, d_model {_D.value}, "
-        f"{jax.devices()[0].platform}, overrides {_OVERRIDES.value or 'none'}; {_STEPS.value} rounds, medians")
+        f"{jax.devices()[0].platform} ({machine()}), overrides {_OVERRIDES.value or 'none'}; {_STEPS.value} rounds, medians")
   print("| memory | capacity | slots | slots read per token | step ms | vs lm2 1x (rounds' range) | peak MB | "
         "memory params |")
   print("|---|---|---|---|---|---|---|---|")

@@ -51,7 +51,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import model_overrides
+from benchmarks import machine, model_overrides
 from launch import compile_cache
 
 OURS = ("ours/none", "ours/lm2", "ours/rmt", "ours/armt", "ours/hierarchical", "ours/titans", "ours/hmt")
@@ -327,6 +327,7 @@ def main(argv):
       _overrides(name.partition(":")[2])  # a malformed override fails here, before any worker starts
   if _LM2_SRC.value:
     entries += LAYER_PAIR
+  print(f"machine: {machine()}")
   print(f"shape: batch {_BATCH.value} x {_SEQ.value} tokens, width {_D.value}, {_LAYERS.value} layers, "
         f"{_HEADS.value} heads, {_SEG.value}-token segments, vocab {_VOCAB.value}, {_SLOTS.value} memory slots, "
         f"float32; train step = forward + backward + AdamW; {_THREADS.value} threads per entry; median of "
