@@ -115,7 +115,8 @@ def test_write_replaces_the_least_read_slots_of_the_routed_bank():
     np.testing.assert_allclose(new["bank_read_mass"][b], want_mass, rtol=1e-4, atol=1e-6)
 
 
-def test_bank_attention_gradients_match_autodiff_of_the_formula():
+@pytest.mark.parametrize("queries_per_bank", [5, 50])  # both forms of the slots' gradient (fused, matmuls)
+def test_bank_attention_gradients_match_autodiff_of_the_formula(queries_per_bank):
   """The hand-written backward of the deep read's attention against autodiff of a plain transcription, with
   cotangents on both outputs (the read and the attention weights)."""
   from lm2_jax.model.memory.hierarchical import bank_attention
@@ -125,8 +126,9 @@ def test_bank_attention_gradients_match_autodiff_of_the_formula():
     return jnp.einsum("bkrcn,bknre->bkcre", p, m), p
 
   keys = jax.random.split(jax.random.key(0), 4)
-  q, m = jax.random.normal(keys[0], (2, 3, 5, 4, 8)), jax.random.normal(keys[1], (2, 3, 6, 4, 8))
-  w_read, w_p = jax.random.normal(keys[2], (2, 3, 5, 4, 8)), jax.random.normal(keys[3], (2, 3, 4, 5, 6))
+  C = queries_per_bank
+  q, m = jax.random.normal(keys[0], (2, 3, C, 4, 8)), jax.random.normal(keys[1], (2, 3, 6, 4, 8))
+  w_read, w_p = jax.random.normal(keys[2], (2, 3, C, 4, 8)), jax.random.normal(keys[3], (2, 3, 4, C, 6))
   objective = lambda fn: lambda q, m: (lambda read, p: (read * w_read).sum() + (p * w_p).sum())(*fn(q, m))
   for got, want in zip(jax.grad(objective(bank_attention), (0, 1))(q, m), jax.grad(objective(formula), (0, 1))(q, m)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -110,14 +110,20 @@ class HierarchicalMemoryConfig:
                capacity_factor=float(factor), forget_bias=general.forget_bias, write_gate=general.write_gate, **ints)
 
 
+# Up to this many queries per bank the slots' gradient is a fused multiply-add over them (below); above it, two
+# batched matmuls. Measured on CPU at B=8, N1=16, 4 heads of 32: fused 0.23 ms against 0.84 at C=5 (62 banks),
+# 0.31 against 0.48 at C=43, 1.62 against 0.27 at C=128.
+_FUSED_SLOT_GRADIENT_MAX_C = 48
+
+
 @jax.custom_vjp
 def bank_attention(q_BKCRE, slots_BKNRE):
   """Each bank's C dispatched queries attend over its N1 slots (keys = values), per head:
   p = softmax_n(q . M_n / sqrt(E)), read = sum_n p M_n. -> (read [B, K, C, R, E], p [B, K, R, C, N1] float32).
 
-  The backward is written out so that the slots' gradient, a sum over the C << N1 queries of each bank, is a
-  fused multiply-add over c instead of B*K*R tiny batched matmuls (XLA:CPU hands those to Eigen, which spent more
-  time on them than on the rest of the deep read):
+  The backward is written out so that the slots' gradient, a sum over each bank's C queries, is a fused
+  multiply-add over c when C is small, instead of B*K*R tiny batched matmuls (XLA:CPU hands those to Eigen, which
+  spent more time on them than on the rest of the deep read):
     dp = dread . M,  ds = p (dp - sum_n p dp) / sqrt(E),  dq = sum_n ds M,  dM = sum_c p dread + ds q."""
   return _bank_attention_fwd(q_BKCRE, slots_BKNRE)[0]
 
@@ -139,11 +145,15 @@ def _bank_attention_bwd(residuals, cotangents):
   ds_BKRCN = p_BKRCN * (dp_BKRCN - (p_BKRCN * dp_BKRCN).sum(-1, keepdims=True)) / np.sqrt(e)
   dq_BKCRE = jnp.einsum("bkrcn,bknre->bkcre", ds_BKRCN.astype(slots_BKNRE.dtype), slots_BKNRE,
                         preferred_element_type=f32)
-  # dM[b,k,n,r,:] = sum_c p[b,k,r,c,n] dread[b,k,c,r,:] + ds[b,k,r,c,n] q[b,k,c,r,:], c unrolled (C is small).
-  pn = jnp.swapaxes(p_BKRCN, 2, 4)[..., None]    # [B, K, N, C, R, 1]
-  sn = jnp.swapaxes(ds_BKRCN, 2, 4)[..., None]
-  dslots_BKNRE = sum(pn[:, :, :, c] * dread_BKCRE[:, :, None, c].astype(f32)
-                     + sn[:, :, :, c] * q_BKCRE[:, :, None, c].astype(f32) for c in range(C))
+  # dM[b,k,n,r,:] = sum_c p[b,k,r,c,n] dread[b,k,c,r,:] + ds[b,k,r,c,n] q[b,k,c,r,:]
+  if C <= _FUSED_SLOT_GRADIENT_MAX_C:  # c unrolled: one fused loop over the slots
+    pn = jnp.swapaxes(p_BKRCN, 2, 4)[..., None]    # [B, K, N, C, R, 1]
+    sn = jnp.swapaxes(ds_BKRCN, 2, 4)[..., None]
+    dslots_BKNRE = sum(pn[:, :, :, c] * dread_BKCRE[:, :, None, c].astype(f32)
+                       + sn[:, :, :, c] * q_BKCRE[:, :, None, c].astype(f32) for c in range(C))
+  else:  # few banks with many queries each: matmuls large enough to be efficient
+    dslots_BKNRE = (jnp.einsum("bkrcn,bkcre->bknre", p_BKRCN, dread_BKCRE, preferred_element_type=f32)
+                    + jnp.einsum("bkrcn,bkcre->bknre", ds_BKRCN, q_BKCRE, preferred_element_type=f32))
   return dq_BKCRE.astype(q_BKCRE.dtype), dslots_BKNRE.astype(slots_BKNRE.dtype)
 
 
