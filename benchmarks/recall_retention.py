@@ -16,7 +16,10 @@ so the accuracy at distance d is the model's own read of what its memory kept ov
 retention curve. Trained, every distance was 1-3.
 
 Prints, per model, the accuracy and the number of questions at each distance (and each name's pooled accuracy),
-and writes DIR3/recall_retention.json and recall_retention.png (one curve per name, chance marked).
+and writes DIR3/recall_retention.json and recall_retention.png (one curve per name, chance marked). For `lm2`
+models it also reports what the write does with pairs and filler (`lm2_jax.evaluate.recall.write_gates_by_token`:
+the mean write strength of pair keys, pair values and filler tokens, and the mean input and forget gates of
+segments with a pair and of filler-only segments, over the context segments of the same samples), per name.
 """
 
 import json
@@ -26,7 +29,7 @@ from absl import flags
 
 from launch import cli
 from lm2_jax.data import recall
-from lm2_jax.evaluate.recall import recall_by_distance
+from lm2_jax.evaluate.recall import recall_by_distance, write_gates_by_token
 from lm2_jax.model.config import ConfigError
 from lm2_jax.train import trainer
 
@@ -38,13 +41,15 @@ _OUT = flags.DEFINE_string("out", "workdir/recall_retention", "Where the JSON an
 
 
 def retention(workdir: str, segments: int, samples: int, batch: int):
-  """-> (chance, {distance: [correct, count]}) for the newest checkpoint in `workdir`."""
+  """-> (chance, {distance: [correct, count]}, the write's gate statistics or None) for the newest checkpoint in
+  `workdir`."""
   config, setup, state = trainer.restore(workdir)
   if config.data.kind != "recall":
     raise ConfigError(f"--workdirs: {workdir!r} was trained on data.kind={config.data.kind!r}; this benchmark "
                       "needs a recall model (launch.quickstart)")
   task = recall.from_config(config, num_segments=segments, seed_offset=10_000)
-  return task.chance, recall_by_distance(setup, state.params, task, num_samples=samples, batch_size=batch)
+  return (task.chance, recall_by_distance(setup, state.params, task, num_samples=samples, batch_size=batch),
+          write_gates_by_token(setup, state.params, task, num_samples=samples, batch_size=batch))
 
 
 def main(argv):
@@ -52,14 +57,17 @@ def main(argv):
   if not _WORKDIRS.value:
     raise ConfigError("--workdirs: name at least one name=DIR of a trained recall model")
   os.makedirs(_OUT.value, exist_ok=True)
-  pooled, workdirs, chance = {}, {}, None
+  pooled, workdirs, chance, gates = {}, {}, None, {}
   for spec in _WORKDIRS.value:
     name, sep, workdir = spec.partition("=")
     if not sep:
       raise ConfigError(f"--workdirs: {spec!r} is not name=DIR")
-    chance, bins = retention(workdir, _SEGMENTS.value, _SAMPLES.value, _BATCH.value)
+    chance, bins, model_gates = retention(workdir, _SEGMENTS.value, _SAMPLES.value, _BATCH.value)
     print(f"{name} ({workdir}): accuracy by distance in segments (questions)")
     print("  " + ", ".join(f"{d}: {c / n:.3f} ({n})" for d, (c, n) in bins.items()), flush=True)
+    if model_gates is not None:
+      print("  write: " + ", ".join(f"{k} {v:.3f}" for k, v in model_gates.items()), flush=True)
+      gates.setdefault(name, []).append(model_gates)
     workdirs.setdefault(name, []).append(workdir)
     for d, (c, n) in bins.items():
       pooled.setdefault(name, {}).setdefault(d, [0, 0])
@@ -68,10 +76,14 @@ def main(argv):
   results = {name: {"workdirs": workdirs[name], "by_distance": {d: {"accuracy": c / n, "questions": n}
                                                                 for d, (c, n) in sorted(bins.items())}}
              for name, bins in pooled.items()}
+  for name, per_model in gates.items():  # the mean over the name's models (each an average over equal samples)
+    results[name]["write_gates"] = {k: sum(g[k] for g in per_model) / len(per_model) for k in per_model[0]}
   for name, r in results.items():
     if len(workdirs[name]) > 1:
       print(f"{name}, {len(workdirs[name])} models pooled: "
             + ", ".join(f"{d}: {b['accuracy']:.3f}" for d, b in r["by_distance"].items()))
+      if "write_gates" in r:
+        print("  write: " + ", ".join(f"{k} {v:.3f}" for k, v in r["write_gates"].items()))
   with open(os.path.join(_OUT.value, "recall_retention.json"), "w") as f:
     json.dump({"segments": _SEGMENTS.value, "samples": _SAMPLES.value, "chance": chance, "models": results}, f,
               indent=2)

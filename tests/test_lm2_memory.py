@@ -31,7 +31,7 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
   o = p["o_proj"]["kernel"].reshape(-1, h.shape[-1])
   gate_w, gate_b = p["out_gate"]["kernel"].reshape(-1, h.shape[-1]), p["out_gate"]["bias"]
   x = h + np.concatenate([np.zeros_like(h[:1]), h[:-1]])              # token shift: x_l = h_l + h_{l-1}
-  read, update, mass = [], [], 0
+  read, update, mass, strengths = [], [], 0, []
   for r in range(num_heads):
     sl = slice(r * E, (r + 1) * E)
     scores = (h @ q[:, sl]) @ (normed @ k[:, sl]).T / np.sqrt(E)     # [L, N]
@@ -39,6 +39,7 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
     read.append(p_read @ (normed @ v[:, sl]))                          # [L, E]
     write_scores = (x @ q[:, sl]) @ (normed @ k[:, sl]).T / np.sqrt(E)
     strength = _sigmoid(x @ p["write_gate"]["kernel"][:, r] + p["write_gate"]["bias"][r]) if "write_gate" in p else 1
+    strengths.append(np.broadcast_to(strength, (len(h),)))
     update.append(_softmax(write_scores, axis=1).T @ ((x @ u[:, sl]) * np.reshape(strength, (-1, 1))))  # [N, E]
     mass = mass + p_read.mean(0) / num_heads
   e_mem = np.concatenate(read, axis=1)
@@ -47,7 +48,8 @@ def _reference(p, slots, h, num_heads, decay, read_mass):
   mu = np.concatenate([slots, U], axis=1)
   g_in = _sigmoid(mu @ p["in_gate"]["kernel"] + p["in_gate"]["bias"])
   g_f = _sigmoid(mu @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
-  return delta, g_in * np.tanh(U) + g_f * slots, decay * read_mass + mass
+  gates = {"in_gate": g_in.mean(), "forget_gate": g_f.mean(), "write_strength": np.mean(strengths, axis=0)}
+  return delta, g_in * np.tanh(U) + g_f * slots, decay * read_mass + mass, gates
 
 
 @pytest.mark.parametrize("write_gate,forget_bias", [(False, 1.0), (True, 3.0)])
@@ -69,8 +71,10 @@ def test_read_and_write_match_the_equations(write_gate, forget_bias):
   out, new_state = mem.apply(params, state, h, method=LM2Memory.step)  # read and write in one call
   delta = out.residual_BLD
   for b in range(B):
-    want_delta, want_slots, want_mass = _reference(params["params"], state["slots"][b], h[b], 2, 0.9,
-                                                   state["read_mass"][b])
+    want_delta, want_slots, want_mass, want_gates = _reference(params["params"], state["slots"][b], h[b], 2, 0.9,
+                                                               state["read_mass"][b])
+    for name, want in want_gates.items():  # the gates' statistics (aux["memory_stats"] of the model)
+      np.testing.assert_allclose(out.stats[name][b], want, atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(delta[b], want_delta, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(new_state["slots"][b], want_slots, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(new_state["read_mass"][b], want_mass, atol=1e-6)

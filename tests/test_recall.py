@@ -60,3 +60,43 @@ def test_pair_distances_count_segments_from_the_pair_to_the_question():
   answers, dist = pair_distances(tokens, mask, segment_len=6)
   np.testing.assert_array_equal(answers, [[20, 23]])
   np.testing.assert_array_equal(dist, [[2, 3]])
+
+
+def test_write_gates_by_token_averages_the_gates_of_the_context_segments():
+  """Gates made constant (zero kernels; biases 0 and log 3 for the two layers' write gates, -1 and 2 for the input
+  and forget gates): every class must average to the formula's values, sigmoid(0) and sigmoid(log 3) = 0.75 mean
+  0.625, sigmoid(-1), sigmoid(2); `none` has no gates."""
+  import jax
+  import jax.numpy as jnp
+
+  from configs import quickstart
+  from lm2_jax.evaluate.recall import write_gates_by_token
+  from lm2_jax.train import trainer
+
+  config = quickstart.get_config()
+  config.model.scan_layers = True  # the layers' parameters stacked: [2, ...]
+  setup = trainer.build(config)
+  params = trainer.init_state(setup).params
+  constants = {"write_gate": jnp.asarray([0.0, np.log(3.0)])[:, None], "in_gate": -1.0, "forget_gate": 2.0}
+
+  def constant_gate(path, leaf):
+    names = [getattr(k, "key", "") for k in path]
+    gate = next((g for g in constants if g in names), None)
+    if gate is None:
+      return leaf
+    return jnp.zeros_like(leaf) if names[-1] == "kernel" else jnp.broadcast_to(constants[gate], leaf.shape)
+
+  params = jax.tree_util.tree_map_with_path(constant_gate, params)
+  task = RecallTask(num_segments=4, segment_len=32, num_pairs=6, num_queries=4, num_keys=32, num_values=16,
+                    num_filler=32, seed=5)
+  got = write_gates_by_token(setup, params, task, num_samples=8, batch_size=8)
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  want = {"write_strength/key": 0.625, "write_strength/value": 0.625, "write_strength/filler": 0.625,
+          "in_gate/pair_segment": sigmoid(-1.0), "in_gate/filler_segment": sigmoid(-1.0),
+          "forget_gate/pair_segment": sigmoid(2.0), "forget_gate/filler_segment": sigmoid(2.0)}
+  assert set(got) <= set(want) and {"write_strength/key", "write_strength/filler", "in_gate/pair_segment"} <= set(got)
+  for name, value in got.items():
+    np.testing.assert_allclose(value, want[name], rtol=1e-5)
+  config.model.memory.kind = "none"
+  none = trainer.build(config)
+  assert write_gates_by_token(none, trainer.init_state(none).params, task, num_samples=8, batch_size=8) is None

@@ -1,5 +1,5 @@
 """Recall accuracy of trained parameters on held-out samples of the recall task (overall and by the distance
-between a pair and its question), and the quickstart report."""
+between a pair and its question), what LM2's write gates do with pairs and filler, and the quickstart report."""
 
 from __future__ import annotations
 
@@ -59,6 +59,47 @@ def recall_by_distance(setup: trainer.Setup, params, task: RecallTask, *, num_sa
       bins[int(d)][0] += int(r)
       bins[int(d)][1] += 1
   return dict(sorted(bins.items()))
+
+
+def write_gates_by_token(setup: trainer.Setup, params, task: RecallTask, *, num_samples: int,
+                         batch_size: int) -> dict[str, float] | None:
+  """How an `lm2` model's write treats pairs and filler (None for kinds without these statistics).
+
+  Runs the context segments (all but the last) segment by segment from a fresh memory and averages, over memory
+  layers and samples, the statistics of each segment's write (`aux["memory_stats"]`): the write strength of the
+  tokens that are pair keys, pair values and filler (the strength at token l scales x_l = h_l + h_{l-1}, so a
+  value's carries its key), and the mean input and forget gate of segments that hold a pair and of segments of
+  filler only."""
+  model, L = setup.model, task.segment_len
+  run = jax.jit(lambda params, tokens, memory: model.apply({"params": params}, tokens, memory)[1:])
+  sums: dict[str, list[float]] = {}
+
+  def add(name, values):
+    acc = sums.setdefault(name, [0.0, 0])
+    acc[0] += float(np.sum(values))
+    acc[1] += int(np.size(values))
+
+  it = batches(task, batch_size)
+  for _ in range(max(num_samples // batch_size, 1)):
+    tokens = np.asarray(next(it)["tokens"])
+    memory = model.init_memory(tokens.shape[0])
+    for s in range(task.num_segments - 1):
+      seg = tokens[:, s * L:(s + 1) * L]
+      memory, aux = run(params, seg, memory)
+      stats = aux["memory_stats"]
+      if "write_strength" not in stats:
+        return None
+      strength = np.asarray(stats["write_strength"]).mean(0)  # [B, L], mean over memory layers
+      key = (seg >= task.key_offset) & (seg < task.value_offset)
+      value = (seg >= task.value_offset) & (seg < task.filler_offset)
+      for name, where in (("key", key), ("value", value), ("filler", seg >= task.filler_offset)):
+        add(f"write_strength/{name}", strength[where])
+      pair = key.any(axis=1)
+      for gate in ("in_gate", "forget_gate"):
+        g = np.asarray(stats[gate]).mean(0)  # [B]
+        add(f"{gate}/pair_segment", g[pair])
+        add(f"{gate}/filler_segment", g[~pair])
+  return {name: total / count for name, (total, count) in sorted(sums.items()) if count}
 
 
 def plot_learning_curves(workdirs: dict[str, str], path: str) -> None:

@@ -369,8 +369,9 @@ class LM2Model(nn.Module):
     (default: the first token's), so that a row continued from the middle of a longer one (the trainer's
     windows) reads and writes exactly as the longer row would.
 
-    aux["memory_stats"]: the memory kind's read statistics averaged over segments (lm2: `read_mass`
-    [num_memory_layers, B, num_slots]; rmt: none); aux["losses"]: the kind's auxiliary losses (weighted scalars,
+    aux["memory_stats"]: the memory kind's statistics averaged over segments (lm2: `read_mass`
+    [num_memory_layers, B, num_slots], the gates' `in_gate`, `forget_gate` [num_memory_layers, B] and
+    `write_strength` [num_memory_layers, B, segment_len]; rmt: none); aux["losses"]: the kind's auxiliary losses (weighted scalars,
     may be empty), averaged over segments and layers.
 
     With `cache` (cached decoding; use `extend` and `init_cache`): tokens_BT are new tokens of the current

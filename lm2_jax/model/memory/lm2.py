@@ -139,7 +139,8 @@ def token_shift(h_BL_, mask_BL=None):
 
 @register("lm2")
 class LM2Memory(ReadWriteMemory):
-  """step = read then write (module docstring); statistics: `read_mass` [B, N] of this segment."""
+  """step = read then write (module docstring); statistics of this segment: `read_mass` [B, N], and from the
+  write (`_write`) the mean input and forget gates [B] and each token's write strength [B, L]."""
   cfg: ModelConfig
 
   Config = LM2MemoryConfig
@@ -192,7 +193,8 @@ class LM2Memory(ReadWriteMemory):
     segment and layer; the rounding differs from projecting X (float32: ~1e-7 relative)."""
     q_BLRE = self._queries(h_BLD)
     out = self._read(state, q_BLRE, read_BL)
-    return out, self._write(state if write_state is None else write_state, h_BLD, q_BLRE, out.stats, write_BL)
+    new, gates = self._write(state if write_state is None else write_state, h_BLD, q_BLRE, out.stats, write_BL)
+    return dataclasses.replace(out, stats={**out.stats, **gates}), new
 
   def read(self, state, h_BLD, mask_BL=None) -> MemoryOut:
     """-> residual delta_BLD, stats {'read_mass': [B, N]}; the mass sums to 1 over slots, averaged over the
@@ -202,7 +204,7 @@ class LM2Memory(ReadWriteMemory):
   def write(self, state, h_BLD, stats, mask_BL=None):
     """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches
     across the mask (the token before a document's first one belongs to another document)."""
-    return self._write(state, h_BLD, self._queries(h_BLD), stats, mask_BL)
+    return self._write(state, h_BLD, self._queries(h_BLD), stats, mask_BL)[0]
 
   def _read(self, state, q_BLRE, mask_BL) -> MemoryOut:
     slots_BNS = state["slots"]
@@ -221,13 +223,18 @@ class LM2Memory(ReadWriteMemory):
     return MemoryOut(residual_BLD=_pin(delta_BLD, "bld"), stats={"read_mass": jax.lax.stop_gradient(mass_BN)})
 
   def _write(self, state, h_BLD, q_BLRE, stats, mask_BL):
-    """write() given the tokens' queries q_BLRE = H Wq."""
+    """write() given the tokens' queries q_BLRE = H Wq -> (new state, the gates' statistics: `in_gate` and
+    `forget_gate` [B], the mean of g_in and g_f over slots and width; `write_strength` [B, L], each token's write
+    gate w averaged over heads (1 without memory.write_gate))."""
     slots_BNS = state["slots"]
     x_BLD = _pin(token_shift(h_BLD, mask_BL), "bld")
     xq_BLRE = _pin(token_shift(q_BLRE, mask_BL), "blre")  # = X Wq
     u_BLRE = _pin(self.u(x_BLD), "blre")
+    strength_BL = jnp.ones(h_BLD.shape[:2], jnp.float32)
     if self.cfg.memory.write_gate:
-      u_BLRE = u_BLRE * nn.sigmoid(self.write_gate(x_BLD))[..., None]
+      w_BLR = nn.sigmoid(self.write_gate(x_BLD))
+      u_BLRE = u_BLRE * w_BLR[..., None]
+      strength_BL = w_BLR.astype(jnp.float32).mean(-1)
     if self.cfg.attention_kernel == "cudnn":  # P^T u by flash attention's backward pass (attention_transpose)
       if mask_BL is not None:
         u_BLRE = u_BLRE * mask_BL[:, :, None, None].astype(u_BLRE.dtype)
@@ -243,4 +250,5 @@ class LM2Memory(ReadWriteMemory):
     g_f = _pin(nn.sigmoid(self.forget_gate(mu_BN2S).astype(jnp.float32)), "bns")
     new_slots = _pin(g_in * jnp.tanh(u_BNS) + g_f * slots_BNS, "bns")
     read_mass = self.cfg.memory.read_decay * state["read_mass"] + stats["read_mass"]
-    return {"slots": new_slots, "read_mass": read_mass}
+    gates = {"in_gate": g_in.mean(axis=(1, 2)), "forget_gate": g_f.mean(axis=(1, 2)), "write_strength": strength_BL}
+    return {"slots": new_slots, "read_mass": read_mass}, jax.lax.stop_gradient(gates)
