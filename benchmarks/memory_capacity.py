@@ -85,7 +85,8 @@ def main(argv):
       t.append(timed_calls(r["run"], 0)[0])
   base = next(t for r, t in zip(rows, times) if r["kind"] == "lm2" and r["capacity"] == int(_CAPACITIES.value[0]))
   print(f"train step, batch {_BATCH.value} x {_SEGMENTS.value} segments of {_SEG.value}, d_model {_D.value}, "
-        f"{jax.devices()[0].platform} ({machine()}), overrides {_OVERRIDES.value or 'none'}; {_STEPS.value} rounds, medians")
+        f"{jax.devices()[0].platform} ({machine()}), overrides {_OVERRIDES.value or 'none'}; {_STEPS.value} rounds, "
+        "medians")
   print("| memory | capacity | slots | slots read per token | step ms | vs lm2 1x (rounds' range) | peak MB | "
         "memory params |")
   print("|---|---|---|---|---|---|---|---|")

@@ -371,8 +371,8 @@ class LM2Model(nn.Module):
 
     aux["memory_stats"]: the memory kind's statistics averaged over segments (lm2: `read_mass`
     [num_memory_layers, B, num_slots], the gates' `in_gate`, `forget_gate` [num_memory_layers, B] and
-    `write_strength` [num_memory_layers, B, segment_len]; rmt: none); aux["losses"]: the kind's auxiliary losses (weighted scalars,
-    may be empty), averaged over segments and layers.
+    `write_strength` [num_memory_layers, B, segment_len]; rmt: none); aux["losses"]: the kind's auxiliary losses
+    (weighted scalars, may be empty), averaged over segments and layers.
 
     With `cache` (cached decoding; use `extend` and `init_cache`): tokens_BT are new tokens of the current
     segment at per-row positions `cache_index` [B]; the memory is returned unchanged and aux is {'cache': the
