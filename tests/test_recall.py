@@ -62,7 +62,8 @@ def test_pair_distances_count_segments_from_the_pair_to_the_question():
   np.testing.assert_array_equal(dist, [[2, 3]])
 
 
-def test_write_gates_by_token_averages_the_gates_of_the_context_segments():
+@pytest.mark.parametrize("kind", ["lm2", "hierarchical"])  # hierarchical: its general level's gates
+def test_write_gates_by_token_averages_the_gates_of_the_context_segments(kind):
   """Gates made constant (zero kernels; biases 0 and log 3 for the two layers' write gates, -1 and 2 for the input
   and forget gates): every class must average to the formula's values, sigmoid(0) and sigmoid(log 3) = 0.75 mean
   0.625, sigmoid(-1), sigmoid(2); `none` has no gates."""
@@ -75,6 +76,7 @@ def test_write_gates_by_token_averages_the_gates_of_the_context_segments():
 
   config = quickstart.get_config()
   config.model.scan_layers = True  # the layers' parameters stacked: [2, ...]
+  config.model.memory.kind = kind
   setup = trainer.build(config)
   params = trainer.init_state(setup).params
   constants = {"write_gate": jnp.asarray([0.0, np.log(3.0)])[:, None], "in_gate": -1.0, "forget_gate": 2.0}

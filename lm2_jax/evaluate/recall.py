@@ -63,7 +63,8 @@ def recall_by_distance(setup: trainer.Setup, params, task: RecallTask, *, num_sa
 
 def write_gates_by_token(setup: trainer.Setup, params, task: RecallTask, *, num_samples: int,
                          batch_size: int) -> dict[str, float] | None:
-  """How an `lm2` model's write treats pairs and filler (None for kinds without these statistics).
+  """How an `lm2` model's write (a `hierarchical` one's general level) treats pairs and filler (None for kinds
+  without these statistics).
 
   Runs the context segments (all but the last) segment by segment from a fresh memory and averages, over memory
   layers and samples, the statistics of each segment's write (`aux["memory_stats"]`): the write strength of the
@@ -87,6 +88,7 @@ def write_gates_by_token(setup: trainer.Setup, params, task: RecallTask, *, num_
       seg = tokens[:, s * L:(s + 1) * L]
       memory, aux = run(params, seg, memory)
       stats = aux["memory_stats"]
+      stats = stats.get("general", stats)  # hierarchical: its general level, an LM2 memory
       if "write_strength" not in stats:
         return None
       strength = np.asarray(stats["write_strength"]).mean(0)  # [B, L], mean over memory layers

@@ -196,8 +196,8 @@ def _loss_and_grads(model, params, batch, memory, rng=None, with_grads=True, win
 
 def _memory_metrics(aux) -> dict[str, jax.Array]:
   """How the memory was read: entropy of the read mass over slots (nats; log N = uniform) and the top slot's
-  share (of the general level for hierarchical memory), averaged over memory layers and batch; for lm2 the
-  mean input gate, forget gate and write strength of its write; for
+  share (of the general level for hierarchical memory), averaged over memory layers and batch; the mean input
+  gate, forget gate and write strength of lm2's write (of the general level's for hierarchical memory); for
   hierarchical memory also the share of tokens that read the deep level, of banks touched, of picks dropped
   over a bank's capacity, the busiest bank's share of picks, and the auxiliary losses."""
   stats = aux["memory_stats"]
@@ -206,7 +206,11 @@ def _memory_metrics(aux) -> dict[str, jax.Array]:
   if mass is not None:
     out["memory/read_entropy"] = -(mass * jnp.log(mass + 1e-9)).sum(-1).mean()
     out["memory/read_max"] = mass.max(-1).mean()
-  for name in ("in_gate", "forget_gate", "write_strength", "deep_tokens", "deep_banks", "deep_dropped"):
+  for name in ("in_gate", "forget_gate", "write_strength"):  # lm2, or hierarchical's general level
+    gate = stats.get(name, stats.get("general", {}).get(name))
+    if gate is not None:
+      out[f"memory/{name}"] = gate.mean()
+  for name in ("deep_tokens", "deep_banks", "deep_dropped"):
     if name in stats:
       out[f"memory/{name}"] = stats[name].mean()
   if "bank_usage" in stats:

@@ -204,7 +204,11 @@ class LM2Memory(ReadWriteMemory):
   def write(self, state, h_BLD, stats, mask_BL=None):
     """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches
     across the mask (the token before a document's first one belongs to another document)."""
-    return self._write(state, h_BLD, self._queries(h_BLD), stats, mask_BL)[0]
+    return self.write_with_gates(state, h_BLD, stats, mask_BL)[0]
+
+  def write_with_gates(self, state, h_BLD, stats, mask_BL=None):
+    """write() -> (the new state, the gates' statistics of `_write`), for a kind that writes an LM2 level."""
+    return self._write(state, h_BLD, self._queries(h_BLD), stats, mask_BL)
 
   def _read(self, state, q_BLRE, mask_BL) -> MemoryOut:
     slots_BNS = state["slots"]
