@@ -313,19 +313,10 @@ class HierarchicalMemory(ReadWriteMemory):
                  ((w_tok_BL * active_BL)[..., None] * (1 - kept_BLk)).sum(axis=(1, 2)) / (m.top_k * count_B))}
     return MemoryOut(residual_BLD=delta_BLD, stats=stats, losses={"balance": m.balance_loss_weight * balance_B.mean()})
 
-  def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
-    """read, then write; the general level's gate statistics (LM2Memory._write) join its read statistics."""
-    out = self.read(state, h_BLD, read_BL)
-    new, gates = self._write(state if write_state is None else write_state, h_BLD, out.stats, write_BL)
-    return dataclasses.replace(out, stats={**out.stats, "general": {**out.stats["general"], **gates}}), new
-
-  def write(self, state, h_BLD, stats, mask_BL=None):
-    return self._write(state, h_BLD, stats, mask_BL)[0]
-
-  def _write(self, state, h_BLD, stats, mask_BL):
-    """-> (new state, the general level's gate statistics)."""
+  def write_with_stats(self, state, h_BLD, stats, mask_BL=None):
+    """-> (new state, `stats` with the general level's gate statistics added to its own)."""
     m = self.cfg.memory
-    general, gates = self.general.write_with_gates(state["general"], h_BLD, stats["general"], mask_BL)
+    general, general_stats = self.general.write_with_stats(state["general"], h_BLD, stats["general"], mask_BL)
     x_BLD = token_shift(h_BLD, mask_BL)  # as LM2's write: a value token carries its key
     salience_BL = self.salience(x_BLD.astype(jnp.float32))[..., 0]
     if mask_BL is not None:
@@ -350,4 +341,5 @@ class HierarchicalMemory(ReadWriteMemory):
       return slots_KNS, mass_KN.at[banks, slot].set(fresh_mass, unique_indices=True)
 
     slots_BKNS, mass_BKN = jax.vmap(put)(state["bank_slots"], mass_BKN, banks_Bm, slot_Bm, content_BmS, valid_Bm)
-    return {"general": general, "bank_slots": slots_BKNS, "bank_read_mass": mass_BKN}, gates
+    new = {"general": general, "bank_slots": slots_BKNS, "bank_read_mass": mass_BKN}
+    return new, {**stats, "general": general_stats}

@@ -193,21 +193,18 @@ class LM2Memory(ReadWriteMemory):
     segment and layer; the rounding differs from projecting X (float32: ~1e-7 relative)."""
     q_BLRE = self._queries(h_BLD)
     out = self._read(state, q_BLRE, read_BL)
-    new, gates = self._write(state if write_state is None else write_state, h_BLD, q_BLRE, out.stats, write_BL)
-    return dataclasses.replace(out, stats={**out.stats, **gates}), new
+    new, stats = self._write(state if write_state is None else write_state, h_BLD, q_BLRE, out.stats, write_BL)
+    return dataclasses.replace(out, stats=stats), new
 
   def read(self, state, h_BLD, mask_BL=None) -> MemoryOut:
     """-> residual delta_BLD, stats {'read_mass': [B, N]}; the mass sums to 1 over slots, averaged over the
     tokens of `mask_BL` (all tokens when None; 0 where a row has none)."""
     return self._read(state, self._queries(h_BLD), mask_BL)
 
-  def write(self, state, h_BLD, stats, mask_BL=None):
-    """-> the new state; only the tokens of `mask_BL` (all when None) write, and the token shift never reaches
-    across the mask (the token before a document's first one belongs to another document)."""
-    return self.write_with_gates(state, h_BLD, stats, mask_BL)[0]
-
-  def write_with_gates(self, state, h_BLD, stats, mask_BL=None):
-    """write() -> (the new state, the gates' statistics of `_write`), for a kind that writes an LM2 level."""
+  def write_with_stats(self, state, h_BLD, stats, mask_BL=None):
+    """-> (the new state, `stats` with the gates' statistics added); only the tokens of `mask_BL` (all when None)
+    write, and the token shift never reaches across the mask (the token before a document's first one belongs to
+    another document)."""
     return self._write(state, h_BLD, self._queries(h_BLD), stats, mask_BL)
 
   def _read(self, state, q_BLRE, mask_BL) -> MemoryOut:
@@ -227,9 +224,9 @@ class LM2Memory(ReadWriteMemory):
     return MemoryOut(residual_BLD=_pin(delta_BLD, "bld"), stats={"read_mass": jax.lax.stop_gradient(mass_BN)})
 
   def _write(self, state, h_BLD, q_BLRE, stats, mask_BL):
-    """write() given the tokens' queries q_BLRE = H Wq -> (new state, the gates' statistics: `in_gate` and
-    `forget_gate` [B], the mean of g_in and g_f over slots and width; `write_strength` [B, L], each token's write
-    gate w averaged over heads (1 without memory.write_gate))."""
+    """write_with_stats() given the tokens' queries q_BLRE = H Wq -> (new state, `stats` and the gates'
+    statistics: `in_gate` and `forget_gate` [B], the mean of g_in and g_f over slots and width; `write_strength`
+    [B, L], each token's write gate w averaged over heads (1 without memory.write_gate))."""
     slots_BNS = state["slots"]
     x_BLD = _pin(token_shift(h_BLD, mask_BL), "bld")
     xq_BLRE = _pin(token_shift(q_BLRE, mask_BL), "blre")  # = X Wq
@@ -255,4 +252,4 @@ class LM2Memory(ReadWriteMemory):
     new_slots = _pin(g_in * jnp.tanh(u_BNS) + g_f * slots_BNS, "bns")
     read_mass = self.cfg.memory.read_decay * state["read_mass"] + stats["read_mass"]
     gates = {"in_gate": g_in.mean(axis=(1, 2)), "forget_gate": g_f.mean(axis=(1, 2)), "write_strength": strength_BL}
-    return {"slots": new_slots, "read_mass": read_mass}, jax.lax.stop_gradient(gates)
+    return {"slots": new_slots, "read_mass": read_mass}, {**stats, **jax.lax.stop_gradient(gates)}

@@ -170,18 +170,23 @@ class LayerMemory(nn.Module):
 
 class ReadWriteMemory(LayerMemory):
   """A layer memory whose tokens read the entering state, after which the segment is written into it: the kind
-  defines `read(state, h_BLD, mask_BL) -> MemoryOut` and `write(state, h_BLD, stats, mask_BL) -> new_state`
-  (the read's statistics go into the write: read counts kept in the state)."""
+  defines `read(state, h_BLD, mask_BL) -> MemoryOut` and `write_with_stats(state, h_BLD, stats, mask_BL) ->
+  (new_state, stats)` (the read's statistics go into the write: read counts kept in the state; the write returns
+  them with its own added, which `step` reports); `write` is its new state alone."""
 
   def read(self, state, h_BLD, mask_BL=None) -> MemoryOut:
     raise NotImplementedError(f"memory kind {type(self).__name__} does not define read()")
 
+  def write_with_stats(self, state, h_BLD, stats, mask_BL=None):
+    raise NotImplementedError(f"memory kind {type(self).__name__} does not define write_with_stats()")
+
   def write(self, state, h_BLD, stats, mask_BL=None):
-    raise NotImplementedError(f"memory kind {type(self).__name__} does not define write()")
+    return self.write_with_stats(state, h_BLD, stats, mask_BL)[0]
 
   def step(self, state, h_BLD, read_BL=None, write_BL=None, write_state=None):
     out = self.read(state, h_BLD, read_BL)
-    return out, self.write(state if write_state is None else write_state, h_BLD, out.stats, write_BL)
+    new, stats = self.write_with_stats(state if write_state is None else write_state, h_BLD, out.stats, write_BL)
+    return dataclasses.replace(out, stats=stats), new
 
   def read_only(self, state, h_BLD) -> MemoryOut:
     return self.read(state, h_BLD)
